@@ -1,0 +1,158 @@
+"""LLaMA-Adapter: adaption prompts on the top L layers with zero-init, per-head gates.
+
+The whole method (METHOD.md sections 2-3) is this file: a (L, K, dim) prompt table and an (L,
+n_heads) gate table. For each adapted layer the prompt goes through that layer's frozen wk / wv
+(no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
+start at 0, so an untrained adapter leaves the base model's outputs exactly unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from adapter.config import ModelArgs
+from adapter.model import PromptKV, Transformer, build_on_meta
+
+IGNORE_INDEX = -100  # label for positions outside the loss (not 0: that is a real token, <unk>)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    adapter_len: int = 10  # K: prompt tokens per adapted layer
+    adapter_layers: int = 30  # L: adapt the topmost L layers (clamped to the model's depth)
+    # "tanh" for our adapters; "identity" reproduces the authors' released v1 inference code,
+    # which multiplies by the raw gate.
+    gate_activation: str = "tanh"
+
+    def __post_init__(self) -> None:
+        if self.adapter_len < 1 or self.adapter_layers < 1:
+            raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
+        if self.gate_activation not in ("tanh", "identity"):
+            raise ValueError(f"gate_activation must be 'tanh' or 'identity', got {self.gate_activation!r}")
+
+    def layers_for(self, args: ModelArgs) -> int:
+        return min(self.adapter_layers, args.n_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AdaptionPrompts(nn.Module):
+    """The trainable part: prompts (L, K, dim) and gates (L, n_heads), for one base shape."""
+
+    def __init__(self, args: ModelArgs, config: AdapterConfig = AdapterConfig(),
+                 dtype: torch.dtype = torch.float32, device=None, init_std: float = 0.02):
+        super().__init__()
+        self.config = config
+        self.n_layers = args.n_layers
+        n_adapted = config.layers_for(args)
+        self.first_layer = args.n_layers - n_adapted
+        self.prompt = nn.Parameter(torch.empty(n_adapted, config.adapter_len, args.dim, dtype=dtype, device=device))
+        self.gate = nn.Parameter(torch.zeros(n_adapted, args.n_heads, dtype=dtype, device=device))
+        if self.prompt.device.type != "meta":
+            nn.init.normal_(self.prompt, std=init_std)
+
+    @property
+    def adapted_layers(self) -> range:
+        return range(self.first_layer, self.n_layers)
+
+    def activated_gate(self) -> torch.Tensor:
+        return torch.tanh(self.gate) if self.config.gate_activation == "tanh" else self.gate
+
+    def prefixes(self, base: Transformer) -> dict[int, PromptKV]:
+        """Per adapted layer, the prompt's keys/values through that layer's frozen wk/wv.
+
+        At generation time call this once per request: the result does not depend on the tokens.
+        """
+        gates = self.activated_gate()
+        out = {}
+        for j, i in enumerate(self.adapted_layers):
+            attn = base.layers[i].attention
+            k, v = attn.project_kv(self.prompt[j][None].to(attn.wk.weight.dtype))
+            out[i] = PromptKV(k=k, v=v, gate=gates[j][None])
+        return out
+
+
+class AdaptedLlama(nn.Module):
+    """A frozen base model plus one set of adaption prompts; only the prompts and gates train."""
+
+    def __init__(self, base: Transformer, prompts: AdaptionPrompts):
+        super().__init__()
+        if prompts.n_layers != base.args.n_layers or prompts.prompt.shape[-1] != base.args.dim:
+            raise ValueError("adaption prompts were built for a different base shape")
+        self.base = base
+        self.adapter = prompts
+        base.requires_grad_(False)
+
+    def hidden(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        return self.base.hidden(tokens, prefixes=self.adapter.prefixes(self.base),
+                                no_grad_below=self.adapter.first_layer, **kw)
+
+    def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        return self.base.output(self.hidden(tokens, **kw)).float()
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions, and how many there were.
+
+        Logits are computed only where the label counts (about half of the real tokens of an
+        Alpaca batch and none of its padding): the output projection is a large share of the cost.
+        """
+        h = self.hidden(input_ids)[:, :-1]
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logits = self.base.output(h[keep]).float()
+        n = int(keep.sum())
+        if n == 0:
+            return logits.sum() * 0.0, 0
+        return torch.nn.functional.cross_entropy(logits, target[keep]), n
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def parameter_counts(args: ModelArgs, config: AdapterConfig = AdapterConfig()) -> dict:
+    """Trainable and total parameters, from shapes alone (meta tensors: nothing is allocated)."""
+    base = build_on_meta(args)
+    prompts = AdaptionPrompts(args, config, device="meta")
+    frozen = sum(p.numel() for p in base.parameters())
+    trainable = sum(p.numel() for p in prompts.parameters())
+    n_adapted = config.layers_for(args)
+    return {
+        "trainable": trainable,
+        "prompt_values": prompts.prompt.numel(),
+        "gate_values": prompts.gate.numel(),
+        "frozen": frozen,
+        "total": frozen + trainable,
+        "trainable_fraction": trainable / (frozen + trainable),
+        "adapter_len": config.adapter_len,
+        "adapter_layers": n_adapted,
+        "adapter_fp32_bytes": trainable * 4,
+    }
+
+
+def batch_prefixes(rows: list[dict[int, PromptKV] | None]) -> dict[int, PromptKV]:
+    """Stack per-request prefixes into one batch, so requests for different adapters (or none)
+    share a forward pass. A row without a prompt at some layer gets zero keys/values and gate 0,
+    which adds exactly nothing: that row computes what the base model computes."""
+    present = [r for r in rows if r]
+    if not present:
+        return {}
+    layers = sorted({i for r in present for i in r})
+    out = {}
+    for i in layers:
+        ref = next(r[i] for r in present if i in r)
+        ks, vs, gs = [], [], []
+        for r in rows:
+            p = r.get(i) if r else None
+            if p is None or p.k.shape[2] != ref.k.shape[2]:
+                if p is not None:
+                    raise ValueError("adapters with different prompt lengths cannot share a batch")
+                ks.append(torch.zeros_like(ref.k)); vs.append(torch.zeros_like(ref.v))
+                gs.append(torch.zeros_like(ref.gate))
+            else:
+                ks.append(p.k); vs.append(p.v); gs.append(p.gate)
+        out[i] = PromptKV(k=torch.cat(ks), v=torch.cat(vs), gate=torch.cat(gs))
+    return out

@@ -1,0 +1,68 @@
+"""`python -m adapter.generate --base DIR --tokenizer FILE [--adapter FILE] --prompt TEXT`
+
+Prints the completion. `--instruction` / `--input` apply the Alpaca template instead of a raw
+prompt; `--temperature 0` decodes greedily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from adapter.adapter_file import import_v1_adapter, load_adapter
+from adapter.checkpoint import load_base
+from adapter.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams, generate, prefixes_for
+from adapter.prompts import format_prompt
+from adapter.tokenizer import Tokenizer
+
+
+def pick_device_dtype(device: str | None) -> tuple[str, torch.dtype]:
+    """bf16 frozen weights on GPU (adapters stay fp32), fp32 on CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="Meta (params.json) or Hugging Face (config.json) folder")
+    ap.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    ap.add_argument("--adapter", help="adapter.safetensors (or its folder)")
+    ap.add_argument("--v1-adapter", help="the authors' released v1 adapter .pth (imported, raw gates)")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="raw prompt text; repeat for a batch")
+    g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
+    ap.add_argument("--input", default="", help="optional input for --instruction")
+    ap.add_argument("--max-gen-len", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    ap.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args(argv)
+
+    device, dtype = pick_device_dtype(a.device)
+    tok = Tokenizer(a.tokenizer)
+    base = load_base(a.base, dtype=dtype, device=device)
+    if tok.vocab_size != base.args.vocab_size:
+        ap.error(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {base.args.vocab_size}")
+    adapter = None
+    if a.adapter:
+        adapter = load_adapter(a.adapter, base.args, device=device)
+    elif a.v1_adapter:
+        adapter = import_v1_adapter(a.v1_adapter, base.args).to(device)
+    texts = a.prompt if a.prompt else [format_prompt(a.instruction, a.input)]
+    params = SamplingParams(max_gen_len=a.max_gen_len, temperature=a.temperature, top_p=a.top_p)
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    prefixes = prefixes_for(base, adapter)
+    outs = generate(base, [tok.encode(t) for t in texts], params, tok.eos_id,
+                    adapters=[prefixes] * len(texts), generator=gen)
+    completions = [tok.decode(o) for o in outs]
+    for c in completions:
+        print(c)
+    sys.stdout.flush()
+    return completions
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The frozen base: Meta's LLaMA decoder, top to bottom in reading order.
+
+Parameter names follow Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...), so Meta
+weights load without renaming. Batches are left-padded: each row has its own first real slot
+(`pad`), rotary positions count from there, and padded keys are masked out. That lets a batch of
+prompts of different lengths share one prefill and one KV cache.
+
+The only hook for the adapter is `prefixes`: per layer, extra keys/values attended to with their
+own softmax and added through a gate (see adapter/adapter.py). The model has no adapter
+parameters of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapter.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Meta's reference, then return to the activation dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for each position (any shape) and each of the head_dim/2 frequency pairs."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0,x1),(x2,x3),... as Meta's complex form does.
+
+    x: (B, heads, T, head_dim); cos/sin: (B, T, head_dim/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None], sin[:, None]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+@dataclass
+class PromptKV:
+    """Keys/values of an adaption prompt for one layer, and its already-activated gate.
+
+    k, v: (B or 1, n_kv_heads, K, head_dim); gate: (B or 1, n_heads). Rows with gate 0 get
+    exactly nothing from the prompt, which is how a mixed batch includes plain base-model rows.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    gate: torch.Tensor
+
+
+class KVCache:
+    """Pre-allocated keys/values for one layer: (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, max_len: int, args: ModelArgs, dtype: torch.dtype, device):
+        shape = (batch, args.kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: each kv head serves n_rep query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, dim) -> keys and values (B, n_kv_heads, T, head_dim), no rotary."""
+        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, cos, sin, mask, start: int = 0, cache: KVCache | None = None,
+                prefix: PromptKV | None = None) -> torch.Tensor:
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.project_kv(x)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        rep = self.n_heads // self.n_kv_heads
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep),
+                                             attn_mask=mask, is_causal=mask is None)
+        if prefix is not None:
+            # Zero-init attention: the prompt gets its own softmax (no mask, no rotary), scaled by
+            # the gate, so with gate 0 the layer is exactly the base layer.
+            p = F.scaled_dot_product_attention(
+                q, repeat_kv(prefix.k, rep).type_as(q), repeat_kv(prefix.v, rep).type_as(q))
+            out = out + prefix.gate[:, :, None, None].type_as(out) * p
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start=0, cache=None, prefix=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start, cache, prefix)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_mask(pad: torch.Tensor, start: int, length: int, device) -> torch.Tensor:
+    """Boolean (B, 1, length, start+length): causal, and padded key slots hidden.
+
+    A padded query slot may always see itself, so no row of the softmax is empty (an empty row
+    gives NaN, and 0 * NaN would leak into real rows through the values).
+    """
+    q_slot = torch.arange(start, start + length, device=device)[:, None]
+    k_slot = torch.arange(start + length, device=device)[None, :]
+    causal = k_slot <= q_slot
+    real_key = k_slot[None] >= pad[:, None, None]
+    return ((causal[None] & real_key) | (k_slot == q_slot)[None])[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def hidden(self, tokens: torch.Tensor, start: int = 0, pad: torch.Tensor | None = None,
+               caches: list[KVCache] | None = None, prefixes: dict[int, PromptKV] | None = None,
+               no_grad_below: int = 0) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim) for `tokens` occupying slots start..start+T.
+
+        pad: (B,) first real slot of each row (left padding); None means no padding.
+        no_grad_below: layers below this index run without autograd: nothing trainable reaches
+        them when the adapter starts above (METHOD.md section 3).
+        """
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        # Unpadded from slot 0 is plain causal attention: no explicit mask, so fused kernels apply.
+        mask = None
+        if pad is None:
+            pad = torch.zeros(bsz, dtype=torch.long, device=device)
+        if mask is None and (start != 0 or bool(pad.any())):
+            mask = attention_mask(pad, start, seqlen, device)
+        slots = torch.arange(start, start + seqlen, device=device)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+        cos, sin = rotary_tables(self.args.head_dim, positions, self.args.rope_theta)
+        prefixes = prefixes or {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and no_grad_below == 0):
+            h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= no_grad_below):
+                h = layer(h, cos, sin, mask, start, caches[i] if caches else None, prefixes.get(i))
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """Logits (B, T, vocab) in fp32."""
+        return self.output(self.hidden(tokens, **kw)).float()
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        w = self.tok_embeddings.weight
+        return [KVCache(batch, max_len, self.args, w.dtype, w.device) for _ in self.layers]
+
+
+def build_on_meta(args: ModelArgs) -> Transformer:
+    """A model with shapes but no storage: for counting, or for `load_state_dict(assign=True)`."""
+    with torch.device("meta"):
+        return Transformer(args)
