@@ -27,3 +27,24 @@ def shared_file(rel: str) -> Path:
 def tiny_model() -> Transformer:
     torch.manual_seed(0)
     return Transformer(preset("tiny")).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real local Ray cluster for the whole session (each start costs seconds)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # tests only; real clusters keep token auth on
+    import ray
+    from ray.data import DataContext
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
+             log_to_driver=False, _temp_dir=str(Path("/tmp") / f"ray-t{os.getpid()}"),
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}})
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    try:
+        from ray import serve
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
