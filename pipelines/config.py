@@ -97,6 +97,7 @@ class TrainConfig(Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     fail_at_step: int | None = Field(None, description="fault injection: a worker dies once at this step")
+    stop_at_step: int | None = Field(None, ge=1, description="end early after this step (schedule unchanged)")
     ray_num_cpus: int | None = Field(None, description="CPUs for a local Ray started by this job")
 
 
