@@ -36,8 +36,9 @@ def build_trainer(cfg: TrainConfig, run_dir: Path):
         resources["GPU"] = s.gpus_per_worker
     backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
     data_dir = Path(cfg.data.out)
-    datasets = {"train": ray.data.read_parquet(str(data_dir / "train")),
-                "val": ray.data.read_parquet(str(data_dir / "val"))}
+    # Materialized up front: the shards are small (Alpaca: ~27 MB of token ids), and splitting
+    # blocks already in the object store spares each worker a cold read pipeline.
+    datasets = {split: ray.data.read_parquet(str(data_dir / split)).materialize() for split in ("train", "val")}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},

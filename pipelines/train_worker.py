@@ -205,6 +205,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
 
     cfg = TrainConfig.model_validate(config["train"])
+    timings = {"start": time.perf_counter()}
     run_dir = Path(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -219,7 +220,11 @@ def train_loop_per_worker(config: dict) -> dict:
     prompts = AdaptionPrompts(base.args, AdapterConfig(cfg.model.adapter_len, cfg.model.adapter_layers), device=device)
     model = AdaptedLlama(base, prompts)
 
-    train, val = read_shard("train"), read_shard("val")
+    timings["model_ready"] = time.perf_counter()
+    train = read_shard("train")
+    timings["train_read"] = time.perf_counter()
+    val = read_shard("val")
+    timings["data_ready"] = time.perf_counter()
     lengths = np.array([len(x) for x in train["input_ids"]])
     micro_per_epoch = len(lengths) // o.micro_batch_size
     steps_per_epoch = micro_per_epoch // o.grad_accum_steps
@@ -235,6 +240,7 @@ def train_loop_per_worker(config: dict) -> dict:
         opt, lambda s: lr_at(s, total_steps, warmup_steps, lr, o.min_lr) / lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, world), dist_init_required=False)
+    timings["engine_ready"] = time.perf_counter()
 
     step = 0
     # A restart after a failure gets Ray's latest checkpoint; a new run may name one to start from.
@@ -265,7 +271,11 @@ def train_loop_per_worker(config: dict) -> dict:
     stop_at = min(total_steps, cfg.stop_at_step or total_steps)
     fault_marker = run_dir / ".fault_injected"
 
+    checkpoint_s = 0.0
+
     def save_and_report(metrics: dict) -> None:
+        nonlocal checkpoint_s
+        t_save = time.perf_counter()
         val_loss = evaluate(model, val, o.micro_batch_size, device)
         metrics = {**metrics, "val_loss": val_loss, "step": step}
         log.metrics({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss})
@@ -280,8 +290,10 @@ def train_loop_per_worker(config: dict) -> dict:
                     {"step": step, "ds_tag": tag, "world_size": world, "steps_per_epoch": steps_per_epoch,
                      "total_steps": total_steps, "val_loss": val_loss, "seed": o.seed}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        checkpoint_s += time.perf_counter() - t_save
 
     engine.train()
+    timings["loop_start"] = time.perf_counter()
     while step < stop_at:
         epoch = step // steps_per_epoch
         batches = epoch_order(lengths, o.micro_batch_size, o.seed, epoch, o.group_by_length)
@@ -318,5 +330,12 @@ def train_loop_per_worker(config: dict) -> dict:
                 save_and_report({"loss": row["loss"], "epoch": row["epoch"]})
             if step >= stop_at:
                 break
-    return {"steps": step, "base_digest_start": base_digest_start, "base_digest_end": state_digest(base), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "base": base_note,
+    end = time.perf_counter()
+    seconds = {"load_model": timings["model_ready"] - timings["start"],
+               "read_train": timings["train_read"] - timings["model_ready"],
+               "read_val": timings["data_ready"] - timings["train_read"],
+               "deepspeed_init": timings["engine_ready"] - timings["data_ready"],
+               "before_loop": timings["loop_start"] - timings["engine_ready"],
+               "loop": end - timings["loop_start"], "of_which_eval_and_checkpoint": checkpoint_s}
+    return {"worker_seconds": {k: round(v, 2) for k, v in seconds.items()}, "steps": step, "base_digest_start": base_digest_start, "base_digest_end": state_digest(base), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "base": base_note,
             "peak_lr": lr, "world_size": world}
