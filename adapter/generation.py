@@ -9,6 +9,7 @@ request (`AdaptionPrompts.prefixes`) and reused at every step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -37,15 +38,8 @@ class SamplingParams:
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
-    return idx.gather(-1, choice).squeeze(-1)
+    n = logits.shape[0]
+    return sample_rows(logits, torch.full((n,), float(temperature)), torch.full((n,), float(top_p)), generator)
 
 
 def prefixes_for(base: Transformer, adapter: AdaptionPrompts | None) -> dict[int, PromptKV] | None:
@@ -55,34 +49,54 @@ def prefixes_for(base: Transformer, adapter: AdaptionPrompts | None) -> dict[int
         return adapter.prefixes(base)
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Like sample_top_p, with each row's own temperature and top_p (rows at 0 are greedy)."""
+    greedy = logits.argmax(-1)
+    if bool((temperature == 0).all()):
+        return greedy
+    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p[:, None], 0.0)
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    return torch.where(temperature == 0, greedy, idx.gather(-1, choice[:, None]).squeeze(-1))
+
+
 @torch.inference_mode()
-def generate(base: Transformer, prompts: list[list[int]], params: SamplingParams, eos_id: int,
-             adapters: list[dict[int, PromptKV] | None] | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
+def generate(base: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             eos_id: int, adapters: list[dict[int, PromptKV] | None] | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included by the caller), EOS not included.
 
+    params: one for the whole batch, or one per row (each row its own length limit and sampling).
     adapters: per row, prefixes from `prefixes_for` (None = base model).
+    on_token(row, token) is called as each token is produced (for streaming).
     use_cache=False recomputes the whole sequence every step: slow, only for checking the cache.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     bsz = len(prompts)
+    rows = params if isinstance(params, list) else [params] * bsz
     adapters = adapters or [None] * bsz
-    if len(adapters) != bsz:
-        raise ValueError(f"{len(adapters)} adapter entries for {bsz} prompts")
+    if len(adapters) != bsz or len(rows) != bsz:
+        raise ValueError(f"{len(adapters)} adapter and {len(rows)} params entries for {bsz} prompts")
     longest = max(len(p) for p in prompts)
-    total = min(base.args.max_seq_len, longest + params.max_gen_len)
+    total = min(base.args.max_seq_len, longest + max(r.max_gen_len for r in rows))
     if longest >= total:
         raise ValueError(f"prompt of {longest} tokens leaves no room within max_seq_len {base.args.max_seq_len}")
     device = base.tok_embeddings.weight.device
     prefixes = batch_prefixes(adapters)
+    temperature = torch.tensor([r.temperature for r in rows], device=device)
+    top_p = torch.tensor([r.top_p for r in rows], device=device)
+    limit = [r.max_gen_len for r in rows]
 
     tokens = torch.zeros(bsz, total, dtype=torch.long, device=device)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     for i, p in enumerate(prompts):
         tokens[i, longest - len(p):longest] = torch.tensor(p, device=device)
     caches = base.new_caches(bsz, total) if use_cache else None
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    done = [False] * bsz
     out: list[list[int]] = [[] for _ in range(bsz)]
     prev = 0
     for cur in range(longest, total):
@@ -90,14 +104,19 @@ def generate(base: Transformer, prompts: list[list[int]], params: SamplingParams
             h = base.hidden(tokens[:, prev:cur], start=prev, pad=pad, caches=caches, prefixes=prefixes)
         else:
             h = base.hidden(tokens[:, :cur], start=0, pad=pad, prefixes=prefixes)
-        logits = base.output(h[:, -1]).float()
-        nxt = sample_top_p(logits, params.temperature, params.top_p, generator)
+        nxt = sample_rows(base.output(h[:, -1]).float(), temperature, top_p, generator)
         tokens[:, cur] = nxt
-        for i in range(bsz):
-            if not done[i] and int(nxt[i]) != eos_id:
-                out[i].append(int(nxt[i]))
-        done |= nxt == eos_id
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t == eos_id:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            done[i] = len(out[i]) >= limit[i]
         prev = cur
-        if bool(done.all()):
+        if all(done):
             break
     return out

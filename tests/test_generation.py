@@ -73,3 +73,18 @@ def test_bad_sampling_params_are_refused(kw):
 def test_prompt_longer_than_context_is_refused(tiny_model):
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(tiny_model, [[1] * tiny_model.args.max_seq_len], SamplingParams(4), 2)
+
+
+def test_per_row_params_match_running_each_row_alone(tiny_model):
+    rows = [SamplingParams(3, temperature=0), SamplingParams(7, temperature=0), SamplingParams(5, temperature=0)]
+    together = generate(tiny_model, PROMPTS, rows, eos_id=-1)
+    assert [len(o) for o in together] == [3, 7, 5]
+    for p, r, o in zip(PROMPTS, rows, together):
+        assert generate(tiny_model, [p], r, eos_id=-1) == [o]
+
+
+def test_on_token_streams_every_token_in_order(tiny_model):
+    seen = {}
+    out = generate(tiny_model, PROMPTS, SamplingParams(6, temperature=0), eos_id=-1,
+                   on_token=lambda row, tok: seen.setdefault(row, []).append(tok))
+    assert [seen[i] for i in range(len(PROMPTS))] == out
