@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.run --suite NAME` writes bench/results/NAME.json and NAME.png."""

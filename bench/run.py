@@ -1,0 +1,41 @@
+"""`python -m bench.run --suite NAME|all [--quick]`: run benchmark suites, write bench/results/.
+
+Benchmarks never run in CI; `--quick` is a tiny setting for smoke checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+SUITES = ("train-vs-peft", "projection", "preprocess", "serve")
+
+
+def run_suite(name: str, quick: bool = False) -> dict:
+    if name == "train-vs-peft":
+        from bench.train_vs_peft import run
+    elif name == "projection":
+        from bench.projection import run
+    elif name == "preprocess":
+        from bench.preprocess_bench import run
+    elif name == "serve":
+        from bench.serve_bench import run
+    else:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return run(quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--suite", default="all", choices=SUITES + ("all",))
+    ap.add_argument("--quick", action="store_true", help="tiny settings (smoke check), not for reporting")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name in SUITES if a.suite == "all" else (a.suite,):
+        result = run_suite(name, a.quick)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2)[:3000])
+
+
+if __name__ == "__main__":
+    main()
