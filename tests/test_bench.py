@@ -1,0 +1,36 @@
+"""Benchmarks never run in CI; this only checks that suites run on a tiny setting and write valid
+JSON and a chart (into a temporary folder, never over bench/results)."""
+
+import json
+
+import pytest
+
+from pipelines.config import DataConfig
+from pipelines.preprocess import run as preprocess
+from tests.conftest import shared_file
+
+
+def test_projection_suite_writes_valid_json(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.projection.RESULTS", tmp_path)
+    monkeypatch.setattr("bench.common.RESULTS", tmp_path)
+    preprocess(DataConfig(source=str(shared_file("alpaca_data_first200.json")),
+                          tokenizer=str(shared_file("tokenizer.model")), out=str(tmp_path / "data")))
+    from bench.projection import run
+
+    result = run(data_dir=str(tmp_path / "data"))
+    saved = json.loads((tmp_path / "projection.json").read_text())
+    assert saved["measured"]["train_records"] == result["measured"]["train_records"] > 150
+    assert saved["measured"]["ours_padded_tokens_per_epoch"] < saved["measured"]["authors_padded_tokens_per_epoch"]
+    assert (tmp_path / "projection.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("ASSUMPTION" in a for a in saved["assumptions"])
+
+
+def test_train_vs_peft_suite_runs_quick(tmp_path, monkeypatch):
+    pytest.importorskip("peft", reason="peft is a bench-only dependency (pip install -e '.[bench]')")
+    monkeypatch.setattr("bench.train_vs_peft.RESULTS", tmp_path)
+    monkeypatch.setattr("bench.common.RESULTS", tmp_path)
+    from bench.train_vs_peft import run
+
+    result = run(quick=True)
+    assert result["epoch_seconds"]["ours"] > 0 and result["epoch_seconds"]["peft"] > 0
+    assert json.loads((tmp_path / "train-vs-peft.json").read_text())["records"] == 16
