@@ -142,8 +142,11 @@ def run(cfg: DataConfig, num_blocks: int | None = None) -> dict:
     if not ray.is_initialized():
         ray.init()
     table = pa.table({"idx": pa.array(range(len(raw)), pa.int64()), "raw": pa.array(raw, pa.string())})
+    # One block per slice (no repartition task: on a 1-CPU cluster it would wait forever behind
+    # the tokenizer actor holding that CPU).
     blocks = num_blocks or max(1, min(64, len(raw) // 2000))
-    ds = ray.data.from_arrow(table).repartition(blocks)
+    step = -(-len(raw) // blocks)
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(raw), step)])
     val_idx = choose_validation(len(raw), cfg.val_fraction, cfg.seed)
     processed = ds.map_batches(
         TokenizeBatch, fn_constructor_args=(str(Path(cfg.tokenizer).resolve()), cfg.max_seq_len, val_idx),
