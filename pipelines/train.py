@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(summary["run_dir"])
     print("\nSamples before and after tuning (fixed instructions, greedy):")
     print(side_by_side(run_dir))
-    print(f"\n[train] done in {summary['wall_s']} s; {summary['base']}")
+    print(f"\n[train] done in {summary['wall_s']} s; {summary['base_note']}")
     print(f"  adapter:     {summary['adapter']}")
     print(f"  metrics:     {summary['metrics']}  (TensorBoard: {summary['tensorboard']})")
     print(f"  loss curve:  {summary['loss_plot']}")

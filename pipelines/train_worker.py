@@ -337,5 +337,7 @@ def train_loop_per_worker(config: dict) -> dict:
                "deepspeed_init": timings["engine_ready"] - timings["data_ready"],
                "before_loop": timings["loop_start"] - timings["engine_ready"],
                "loop": end - timings["loop_start"], "of_which_eval_and_checkpoint": checkpoint_s}
-    return {"worker_seconds": {k: round(v, 2) for k, v in seconds.items()}, "steps": step, "base_digest_start": base_digest_start, "base_digest_end": state_digest(base), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "base": base_note,
-            "peak_lr": lr, "world_size": world}
+    return {"steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "base_note": base_note, "peak_lr": lr, "world_size": world,
+            "base_digest_start": base_digest_start, "base_digest_end": state_digest(base),
+            "worker_seconds": {k: round(v, 2) for k, v in seconds.items()}}

@@ -104,3 +104,17 @@ def test_lr_schedule_warms_up_then_follows_half_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.01
+
+
+def test_incomplete_or_foreign_checkpoints_are_refused_by_name(tmp_path):
+    from pipelines.train_worker import CheckpointError, checkpoint_is_complete
+
+    with pytest.raises(CheckpointError, match="no trainer_state.json"):
+        checkpoint_is_complete(tmp_path, 2)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "ds_tag": "step00000004", "world_size": 8}))
+    with pytest.raises(CheckpointError, match="saved by 8 workers; this run has 2"):
+        checkpoint_is_complete(tmp_path, 2)
+    (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)
+    (tmp_path / "deepspeed" / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="1 of 8 ZeRO optimizer shards"):
+        checkpoint_is_complete(tmp_path, 8)
