@@ -25,7 +25,8 @@ def machine() -> dict:
     return info
 
 
-def write_result(name: str, result: dict, out_dir: Path = RESULTS) -> Path:
+def write_result(name: str, result: dict, out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS  # looked up at call time, so tests can point it elsewhere
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"suite": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               **result}

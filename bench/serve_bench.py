@@ -44,7 +44,7 @@ def _load(url: str, models: list[str], n_requests: int, clients: int, max_tokens
             "model": models[k % len(models)], "prompt": PROMPTS[k % len(PROMPTS)], "max_tokens": max_tokens,
             "temperature": 0})
         r.raise_for_status()
-        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"], int(r.headers["x-batch-size"])
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
@@ -53,10 +53,12 @@ def _load(url: str, models: list[str], n_requests: int, clients: int, max_tokens
     lat = np.array([r[0] for r in results])
     tokens = sum(r[1] for r in results)
     return {"requests": n_requests, "clients": clients, "completion_tokens": tokens, "wall_s": wall,
+            "mean_batch_size_seen_by_requests": float(np.mean([r[2] for r in results])),
             "tokens_per_s": tokens / wall, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99))}
 
 
-def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, quick: bool = False) -> dict:
+def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wait_ms: float = 50,
+        quick: bool = False) -> dict:
     import ray
     from ray import serve
 
@@ -80,7 +82,7 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, quick: bo
         for label, batch, models in (("one-at-a-time", 1, names[:1]), ("batched, 1 adapter", 16, names[:1]),
                                      ("batched, 8 adapters mixed", 16, names)):
             cfg = ServeConfig(base=str(stories), tokenizer=str(stories / "tokenizer.model"), adapters=tmp,
-                              max_batch_size=batch, batch_wait_ms=10, max_tokens_limit=256).model_dump()
+                              max_batch_size=batch, batch_wait_ms=batch_wait_ms, max_tokens_limit=256).model_dump()
             serve.run(AdapterServer.options(autoscaling_config=one, max_ongoing_requests=64).bind(cfg),
                       name="bench", route_prefix="/")
             _load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
@@ -89,6 +91,7 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, quick: bo
     serve.shutdown()
     result = {
         "what": "OpenAI /v1/completions on loopback, greedy, stories260K base, 1 replica (measured)",
+        "settings": {"max_tokens": max_tokens, "batch_wait_ms": batch_wait_ms, "max_batch_size": 16},
         "rows": rows,
         "batched_vs_one_at_a_time": rows["batched, 1 adapter"]["tokens_per_s"] / rows["one-at-a-time"]["tokens_per_s"],
         "mixed_vs_single_adapter": rows["batched, 8 adapters mixed"]["tokens_per_s"] / rows["batched, 1 adapter"]["tokens_per_s"],

@@ -87,9 +87,10 @@ class TokenizeBatch:
         raws = batch.column("raw").to_pylist()
         checked = [validate(r) for r in raws]
         good = [i for i, (rec, _, _) in enumerate(checked) if rec is not None]
+        # One thread per Ray CPU slot: more would oversubscribe the cores Ray already shares out.
         prompts = self.tok.encode_batch([format_prompt(checked[i][0]["instruction"], checked[i][0]["input"])
-                                         for i in good])
-        responses = self.tok.encode_batch([checked[i][0]["output"] for i in good])
+                                         for i in good], num_threads=1)
+        responses = self.tok.encode_batch([checked[i][0]["output"] for i in good], num_threads=1)
         rows = {name: [None] * len(raws) for name in OUTPUT_SCHEMA.names}
         rows["idx"] = idx
         for i, (rec, reason, detail) in enumerate(checked):
