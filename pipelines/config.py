@@ -100,6 +100,13 @@ class TrainConfig(Strict):
     stop_at_step: int | None = Field(None, ge=1, description="end early after this step (schedule unchanged)")
     ray_num_cpus: int | None = Field(None, description="CPUs for a local Ray started by this job")
 
+    @model_validator(mode="after")
+    def _needs_held_out(self):
+        if self.data.val_fraction <= 0:
+            raise ValueError("training needs a held-out split (data.val_fraction > 0): checkpoints are "
+                             "ranked by held-out loss")
+        return self
+
 
 C = TypeVar("C", bound=BaseModel)
 

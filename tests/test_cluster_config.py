@@ -43,3 +43,8 @@ def test_overrides_are_typed_and_unknown_keys_refused():
         load_config(TrainConfig, "tiny-cpu", ["optim.epochz=1"])
     with pytest.raises(Exception):
         load_config(TrainConfig, "tiny-cpu", ["optim.micro_batch_size=zero"])
+
+
+def test_training_without_a_held_out_split_is_refused():
+    with pytest.raises(Exception, match="held-out split"):
+        load_config(TrainConfig, "tiny-cpu", ["data.val_fraction=0"])
