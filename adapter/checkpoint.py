@@ -34,8 +34,16 @@ def detect_format(path: Path) -> str:
 
 def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               max_seq_len: int | None = None) -> Transformer:
-    """Load a frozen LLaMA from a Meta or Hugging Face checkpoint folder, in eval mode, no grads."""
+    """Load a frozen LLaMA from a Meta or Hugging Face checkpoint folder (or a llama2.c `.bin`
+    file), in eval mode, no grads."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".bin":
+        from adapter.llama2c import load_llama2c
+
+        model = load_llama2c(path, dtype=dtype, device=device)
+        if max_seq_len is not None:
+            model.args = ModelArgs.from_dict({**model.args.to_dict(), "max_seq_len": max_seq_len})
+        return model
     fmt = detect_format(path)
     state, args = (_read_meta(path) if fmt == "meta" else _read_hf(path))
     if max_seq_len is not None:
