@@ -178,12 +178,11 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
-        # Unpadded from slot 0 is plain causal attention: no explicit mask, so fused kernels apply.
-        mask = None
         if pad is None:
             pad = torch.zeros(bsz, dtype=torch.long, device=device)
-        if mask is None and (start != 0 or bool(pad.any())):
-            mask = attention_mask(pad, start, seqlen, device)
+        # Unpadded from slot 0 is plain causal attention: no explicit mask, so fused kernels apply.
+        padded = start != 0 or bool(pad.any())
+        mask = attention_mask(pad, start, seqlen, device) if padded else None
         slots = torch.arange(start, start + seqlen, device=device)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         cos, sin = rotary_tables(self.args.head_dim, positions, self.args.rope_theta)
