@@ -37,7 +37,6 @@ def run(n_records: int = 128, batch_size: int = 8, max_seq_len: int = 256, quick
     if quick:
         n_records, max_seq_len = 16, 128
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = transformers.LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["dim"], intermediate_size=SHAPE["ffn"],
                                    num_hidden_layers=SHAPE["n_layers"], num_attention_heads=SHAPE["n_heads"],
                                    num_key_value_heads=SHAPE["n_heads"], max_position_embeddings=2048,
