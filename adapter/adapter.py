@@ -26,10 +26,15 @@ class AdapterConfig:
     # "tanh" for our adapters; "identity" reproduces the authors' released v1 inference code,
     # which multiplies by the raw gate.
     gate_activation: str = "tanh"
+    # Prompts start N(0, init_std^2). The authors' prompts are an nn.Embedding, whose default
+    # initialisation is N(0, 1); their learning rate was tuned for that scale.
+    init_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.adapter_len < 1 or self.adapter_layers < 1:
             raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
+        if not 0 < self.init_std < float("inf"):
+            raise ValueError(f"init_std must be a positive number, got {self.init_std}")
         if self.gate_activation not in ("tanh", "identity"):
             raise ValueError(f"gate_activation must be 'tanh' or 'identity', got {self.gate_activation!r}")
 
@@ -44,7 +49,7 @@ class AdaptionPrompts(nn.Module):
     """The trainable part: prompts (L, K, dim) and gates (L, n_heads), for one base shape."""
 
     def __init__(self, args: ModelArgs, config: AdapterConfig = AdapterConfig(),
-                 dtype: torch.dtype = torch.float32, device=None, init_std: float = 0.02):
+                 dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.config = config
         self.n_layers = args.n_layers
@@ -53,7 +58,7 @@ class AdaptionPrompts(nn.Module):
         self.prompt = nn.Parameter(torch.empty(n_adapted, config.adapter_len, args.dim, dtype=dtype, device=device))
         self.gate = nn.Parameter(torch.zeros(n_adapted, args.n_heads, dtype=dtype, device=device))
         if self.prompt.device.type != "meta":
-            nn.init.normal_(self.prompt, std=init_std)
+            nn.init.normal_(self.prompt, std=config.init_std)
 
     @property
     def adapted_layers(self) -> range:

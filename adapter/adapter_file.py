@@ -63,8 +63,17 @@ def read_metadata(path: str | Path) -> dict:
     meta = raw.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
         raise AdapterFileError(f"{path}: a safetensors file but not a LLaMA-Adapter file (format={meta.get('format')!r})")
-    return {"adapter_config": json.loads(meta["adapter_config"]), "base_shape": json.loads(meta["base_shape"]),
-            "dtype": meta.get("dtype"), "extra": json.loads(meta.get("extra", "{}"))}
+    try:
+        out = {"adapter_config": json.loads(meta["adapter_config"]), "base_shape": json.loads(meta["base_shape"]),
+               "dtype": meta.get("dtype"), "extra": json.loads(meta.get("extra", "{}"))}
+        if not all(isinstance(out[k], dict) for k in ("adapter_config", "base_shape", "extra")):
+            raise ValueError("adapter_config, base_shape and extra must be JSON objects")
+        out["config"] = AdapterConfig(**out["adapter_config"])
+    except KeyError as e:
+        raise AdapterFileError(f"{path}: adapter metadata lacks {e}") from None
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid adapter settings
+        raise AdapterFileError(f"{path}: bad adapter metadata ({e})") from None
+    return out
 
 
 def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
@@ -77,7 +86,7 @@ def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.f
              if meta["base_shape"].get(k) != v]
     if diffs:
         raise AdapterFileError(f"{path}: adapter was trained for a different base model ({'; '.join(diffs)})")
-    config = AdapterConfig(**meta["adapter_config"])
+    config = meta["config"]
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:

@@ -64,6 +64,18 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     return model.eval()
 
 
+def context_length(path: str | Path) -> int:
+    """The base's context (max_seq_len) from its config alone, without reading any weights."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".bin":
+        from adapter.llama2c import read_header
+
+        return read_header(path).max_seq_len
+    if detect_format(path) == "meta":
+        return int(json.loads((path / "params.json").read_text()).get("max_seq_len", ModelArgs.max_seq_len))
+    return from_hf_config(path / "config.json").max_seq_len
+
+
 def _torch_load(file: Path) -> dict:
     try:
         try:

@@ -12,16 +12,10 @@ import sys
 import torch
 
 from adapter.adapter_file import import_v1_adapter, load_adapter
-from adapter.checkpoint import load_base
-from adapter.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams, generate, prefixes_for
+from adapter.generation import SamplingParams, generate, prefixes_for
+from adapter.loader import load_model
 from adapter.prompts import format_prompt
-from adapter.tokenizer import Tokenizer
-
-
-def pick_device_dtype(device: str | None) -> tuple[str, torch.dtype]:
-    """bf16 frozen weights on GPU (adapters stay fp32), fp32 on CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+from adapter.settings import ModelSource
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -34,18 +28,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     g.add_argument("--prompt", action="append", help="raw prompt text; repeat for a batch")
     g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
     ap.add_argument("--input", default="", help="optional input for --instruction")
-    ap.add_argument("--max-gen-len", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    ap.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    ap.add_argument("--max-gen-len", type=int, default=SamplingParams.max_gen_len)
+    ap.add_argument("--temperature", type=float, default=SamplingParams.temperature)
+    ap.add_argument("--top-p", type=float, default=SamplingParams.top_p)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     a = ap.parse_args(argv)
 
-    device, dtype = pick_device_dtype(a.device)
-    tok = Tokenizer(a.tokenizer)
-    base = load_base(a.base, dtype=dtype, device=device)
-    if tok.vocab_size != base.args.vocab_size:
-        ap.error(f"tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {base.args.vocab_size}")
+    try:
+        loaded = load_model(ModelSource(base=a.base, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device))
+    except ValueError as e:
+        ap.error(str(e))
+    base, tok, device = loaded.base, loaded.tokenizer, loaded.device
     adapter = None
     if a.adapter:
         adapter = load_adapter(a.adapter, base.args, device=device)

@@ -29,8 +29,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_gen_len < 1:
             raise ValueError(f"max_gen_len must be >= 1, got {self.max_gen_len}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # Written so that NaN fails too (every comparison with NaN is false).
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

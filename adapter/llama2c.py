@@ -22,19 +22,29 @@ from adapter.model import Transformer, build_on_meta
 HEADER = struct.Struct("7i")
 
 
+def _parse_header(path: Path, raw: bytes) -> tuple[ModelArgs, bool]:
+    """The model's shape, and whether the classifier shares the embedding."""
+    if len(raw) < HEADER.size:
+        raise ValueError(f"{path}: too short for a llama2.c checkpoint")
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = HEADER.unpack(raw[:HEADER.size])
+    if min(dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len) <= 0 or dim % n_heads:
+        raise ValueError(f"{path}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv, vocab})")
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=abs(vocab),
+                     hidden_dim=hidden, norm_eps=1e-5, max_seq_len=seq_len)
+    return args, vocab > 0
+
+
+def read_header(path: str | Path) -> ModelArgs:
+    with open(path, "rb") as f:
+        return _parse_header(Path(path), f.read(HEADER.size))[0]
+
+
 def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
     path = Path(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    if len(data) < HEADER.size:
-        raise ValueError(f"{path}: too short for a llama2.c checkpoint")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = HEADER.unpack(bytes(data[:HEADER.size]))
-    shared = vocab > 0
-    vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
-        raise ValueError(f"{path}: not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads, n_kv, vocab})")
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
-                     hidden_dim=hidden, norm_eps=1e-5, max_seq_len=seq_len)
-    head, kv_dim = args.head_dim, n_kv * args.head_dim
+    args, shared = _parse_header(path, bytes(data[:HEADER.size]))
+    dim, hidden, n_layers, vocab, seq_len = args.dim, args.ffn_hidden_dim, args.n_layers, args.vocab_size, args.max_seq_len
+    head, kv_dim = args.head_dim, args.kv_heads * args.head_dim
     floats = np.frombuffer(data, dtype=np.float32, offset=HEADER.size)
     pos = 0
 

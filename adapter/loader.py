@@ -1,0 +1,72 @@
+"""One way to get a ready frozen base: weights + tokenizer + device + dtype + vocabulary check.
+
+Generation, serving and every training worker call `load_model`, so a setting in the config's
+`model:` section means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapter.checkpoint import load_base
+from adapter.config import preset
+from adapter.model import Transformer, build_on_meta
+from adapter.settings import ModelSource, project_path
+from adapter.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    base: Transformer
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    note: str  # where the weights came from, in words (says RANDOM in capitals for a preset)
+
+
+def pick_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Frozen weights: bf16 on GPU, fp32 on CPU unless the config says otherwise."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def random_base(name: str, dtype: torch.dtype, device: torch.device, seed: int = 1234) -> Transformer:
+    """A random-initialised base of a preset shape, built on the meta device and materialised
+    once, in the working dtype, on the target device (a 7B shape never exists in fp32 on the host)."""
+    model = build_on_meta(preset(name)).to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.requires_grad_(False).eval()
+
+
+def load_model(source: ModelSource, device: str | torch.device | None = None) -> LoadedModel:
+    dev = pick_device(str(device) if device is not None else source.device)
+    dtype = pick_dtype(source.dtype, dev)
+    tokenizer = Tokenizer(project_path(source.tokenizer))
+    base_path = project_path(source.base)
+    if base_path and Path(base_path).exists():
+        base = load_base(base_path, dtype=dtype, device=dev)
+        note = f"pretrained base from {base_path}"
+    elif source.preset:
+        base = random_base(source.preset, dtype, dev)
+        why = f"base {base_path} not found; " if base_path else ""
+        note = f"RANDOM-INITIALISED base of preset {source.preset!r} ({why}a last resort: outputs are noise)"
+    else:
+        raise FileNotFoundError(f"model.base {base_path} not found and no model.preset fallback given")
+    if tokenizer.vocab_size != base.args.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
+                         f"vocabulary is {base.args.vocab_size}: they do not belong together")
+    return LoadedModel(base, tokenizer, dev, dtype, note)
