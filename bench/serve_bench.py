@@ -63,7 +63,7 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wai
     from ray import serve
 
     from adapter.checkpoint import load_base
-    from serve.app import AdapterServer, ServeConfig
+    from serve.app import build_app
 
     if quick:
         n_requests, max_tokens = 16, 8
@@ -78,13 +78,11 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wai
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         names = _adapters(Path(tmp), load_base(stories).args, 8)
-        one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}
         for label, batch, models in (("one-at-a-time", 1, names[:1]), ("batched, 1 adapter", 16, names[:1]),
                                      ("batched, 8 adapters mixed", 16, names)):
-            cfg = ServeConfig(base=str(stories), tokenizer=str(stories / "tokenizer.model"), adapters=tmp,
-                              max_batch_size=batch, batch_wait_ms=batch_wait_ms, max_tokens_limit=256).model_dump()
-            serve.run(AdapterServer.options(autoscaling_config=one, max_ongoing_requests=64).bind(cfg),
-                      name="bench", route_prefix="/")
+            cfg = {"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")}, "adapters": tmp,
+                   "max_batch_size": batch, "batch_wait_ms": batch_wait_ms, "max_tokens_limit": 256}
+            serve.run(build_app(cfg), name="bench", route_prefix="/")
             _load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
             rows[label] = _load(url, models, n_requests, clients, max_tokens)
             serve.delete("bench")

@@ -10,17 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from adapter.prompts import format_prompt
 
-DEFAULT_MAX_TOKENS = 128
-
-
 class CompletionRequest(BaseModel):
     # Clients send fields we do not use (user, n=1, ...); accept them rather than fail.
     model_config = ConfigDict(extra="allow")
     model: StrictStr
     prompt: StrictStr | list[StrictStr]
-    max_tokens: StrictInt | None = None  # default: min(DEFAULT_MAX_TOKENS, the server's limit)
-    temperature: StrictFloat | StrictInt = 0.1
-    top_p: StrictFloat | StrictInt = 0.75
+    max_tokens: StrictInt | None = None
+    # None: the server's configured default (ServeConfig.sampling).
+    temperature: StrictFloat | StrictInt | None = None
+    top_p: StrictFloat | StrictInt | None = None
     stream: StrictBool = False
     seed: StrictInt | None = None
 
@@ -37,8 +35,9 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    temperature: StrictFloat | StrictInt = 0.1
-    top_p: StrictFloat | StrictInt = 0.75
+    # None: the server's configured default (ServeConfig.sampling).
+    temperature: StrictFloat | StrictInt | None = None
+    top_p: StrictFloat | StrictInt | None = None
     stream: StrictBool = False
     seed: StrictInt | None = None
 

@@ -1,7 +1,7 @@
 """Ray Serve application: one frozen base per replica, many adapters, an OpenAI-compatible API.
 
     serve run serve/config.yaml                      # or: serve deploy serve/config.yaml
-    serve run serve.app:build_app base=DIR tokenizer=FILE adapters=DIR
+    serve run serve.app:build_app model.base=DIR model.tokenizer=FILE adapters=DIR
 
 Routes (no `from __future__ import annotations` here: FastAPI must see real types): POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events), GET /v1/models, GET /health. The request's `model` names an adapter from
@@ -12,40 +12,29 @@ OpenAI-shaped error body; an API key is enforced when `api_key_env` names a set 
 
 import asyncio
 import json
+import logging
 import os
 import time
 
-import torch
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException
 
 from adapter.adapter_file import AdapterFileError
-from adapter.checkpoint import load_base
 from adapter.generation import SamplingParams
+from adapter.loader import load_model
+from adapter.settings import project_path
 from adapter.tokenizer import Tokenizer
 from serve.adapters import AdapterStore, InvalidAdapterName, UnknownAdapter
-from serve.api import (DEFAULT_MAX_TOKENS, ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
+from serve.api import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
                        completion_response, error_body, new_id, render_chat)
+from serve.config import ServeConfig, serve_config
 from serve.engine import BatchingEngine
 
-
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    base: str = Field(description="Meta or Hugging Face checkpoint folder")
-    tokenizer: str
-    adapters: str | None = Field(None, description="adapter root: a folder or a pyarrow URI (s3://...)")
-    base_name: str = "base"
-    max_loaded_adapters: int = Field(8, ge=1)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_ms: float = Field(20, ge=0)
-    max_tokens_limit: int = Field(512, ge=1)
-    max_prompts_per_request: int = Field(8, ge=1)
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    device: str | None = None
+log = logging.getLogger("ray.serve")
 
 
 class ApiError(Exception):
@@ -82,6 +71,12 @@ async def _http_error(request: Request, e: HTTPException):
     return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
 
 
+def resolved_paths(cfg: ServeConfig) -> dict[str, str | None]:
+    """Where the config's relative paths point (adapter.settings.project_path: the project root)."""
+    return {"model.base": project_path(cfg.model.base), "model.tokenizer": project_path(cfg.model.tokenizer),
+            "adapters": project_path(cfg.adapters)}
+
+
 def incremental_text(tok: Tokenizer, tokens: list[int], sent: str) -> str:
     """New text since `sent`; holds back a partial UTF-8 character until it is complete."""
     text = tok.decode(tokens)
@@ -94,24 +89,19 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-@serve.deployment(
-    max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-)
+# Replica counts and autoscaling: only in the Serve YAML's `deployments:` section.
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(app)
 class AdapterServer:
     def __init__(self, config: dict):
         cfg = ServeConfig.model_validate(config)
         self.cfg = cfg
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        self.base = load_base(cfg.base, dtype=dtype, device=device)
-        self.tok = Tokenizer(cfg.tokenizer)
-        if self.tok.vocab_size != self.base.args.vocab_size:
-            raise ValueError(f"tokenizer has {self.tok.vocab_size} pieces, model vocabulary {self.base.args.vocab_size}")
-        self.adapters = AdapterStore(cfg.adapters, self.base, cfg.max_loaded_adapters)
+        log.info("LLaMA-Adapter replica config: %s; paths: %s", cfg.model_dump_json(), resolved_paths(cfg))
+        # Auto device: cuda only when Ray reserved a GPU for this replica (never an unreserved GPU 0).
+        loaded = load_model(cfg.model, device=cfg.model.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
+        log.info("LLaMA-Adapter replica: %s on %s (%s)", loaded.note, loaded.device, loaded.dtype)
+        self.base, self.tok = loaded.base, loaded.tokenizer
+        self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters)
         self.engine = BatchingEngine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
         self.api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
 
@@ -129,9 +119,13 @@ class AdapterServer:
             raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def _sampling(self, max_tokens: int | None, temperature: float, top_p: float) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None) -> SamplingParams:
+        """A request's sampling settings; what it leaves out comes from the config's `sampling`."""
+        default = self.cfg.sampling
         if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, self.cfg.max_tokens_limit)
+            max_tokens = min(default.max_gen_len, self.cfg.max_tokens_limit)
+        temperature = default.temperature if temperature is None else temperature
+        top_p = default.top_p if top_p is None else top_p
         if max_tokens <= 0:
             raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if max_tokens > self.cfg.max_tokens_limit:
@@ -243,5 +237,17 @@ class AdapterServer:
 
 
 def build_app(args: dict) -> serve.Application:
-    """`serve run serve.app:build_app base=... tokenizer=...` and `import_path` in serve/config.yaml."""
-    return AdapterServer.bind(ServeConfig.model_validate(args).model_dump())
+    """`import_path` of serve/config.yaml and serve/local.yaml, or on the command line:
+    `serve run serve.app:build_app model.base=DIR model.tokenizer=FILE adapters=runs` (see serve/config.py)."""
+    cfg = serve_config(args)
+    return deployment_for(cfg).bind(cfg.model_dump(mode="json"))
+
+
+def deployment_for(cfg: ServeConfig) -> serve.Deployment:
+    """Options that follow from the config (the Serve YAML's `deployments:` still overrides them):
+    a replica takes as many requests as its engine holds rows (running + waiting), and asks Ray for
+    a GPU when the model's device is cuda (else replicas would all land, unreserved, on GPU 0)."""
+    options = {"max_ongoing_requests": cfg.max_batch_size + cfg.max_waiting}
+    if (cfg.model.device or "").startswith("cuda"):
+        options["ray_actor_options"] = {"num_gpus": 1}
+    return AdapterServer.options(**options)

@@ -5,17 +5,15 @@ import concurrent.futures as cf
 import json
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import yaml
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import save_adapter
 from adapter.checkpoint import load_base
-from tests.conftest import ROOT, shared_file
+from tests.conftest import shared_file
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park.", "One day, a bird"]
 
@@ -30,7 +28,8 @@ def _free_port() -> int:
 def server(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from serve.app import AdapterServer, ServeConfig
+    from serve.app import build_app, deployment_for
+    from serve.config import serve_config
 
     stories = shared_file("stories260K/params.json").parent
     root = tmp_path_factory.mktemp("adapters")
@@ -45,11 +44,12 @@ def server(ray_cluster, tmp_path_factory):
     (root / "junk.txt").write_text("not an adapter")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServeConfig(base=str(stories), tokenizer=str(stories / "tokenizer.model"), adapters=str(root),
-                      base_name="stories260k", max_tokens_limit=64, batch_wait_ms=100).model_dump()
-    one = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
-    serve.run(AdapterServer.options(autoscaling_config=one).bind(cfg), name="llama", route_prefix="/")
-    secure = AdapterServer.options(name="SecureServer", autoscaling_config=one,
+    # Server defaults for what a request leaves out: greedy, 6 tokens (checked below).
+    cfg = serve_config({"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
+                        "sampling": {"max_gen_len": 6, "temperature": 0.0}, "adapters": str(root),
+                        "base_name": "stories260k", "max_tokens_limit": 64, "batch_wait_ms": 100}).model_dump(mode="json")
+    serve.run(build_app(cfg), name="llama", route_prefix="/")
+    secure = deployment_for(serve_config(cfg)).options(name="SecureServer",
                                    ray_actor_options={"runtime_env": {"env_vars": {"TEST_API_KEY": "sekrit"}}})
     serve.run(secure.bind({**cfg, "api_key_env": "TEST_API_KEY"}), name="secure", route_prefix="/secure")
     base_url = f"http://127.0.0.1:{port}"
@@ -87,6 +87,15 @@ def test_completion_and_chat_shapes(server):
     texts = {m: _complete(server, m, "Once upon a time").json()["choices"][0]["text"]
              for m in ("stories260k", "alpha", "beta")}
     assert len(set(texts.values())) == 3, texts
+
+
+def test_request_without_sampling_fields_gets_the_servers_configured_defaults(server):
+    # The fixture configures sampling {max_gen_len: 6, temperature: 0}: greedy, at most 6 tokens.
+    plain = httpx.post(f"{server}/v1/completions", timeout=60, json={"model": "alpha", "prompt": "Once upon a time"})
+    assert plain.status_code == 200, plain.text
+    assert 0 < plain.json()["usage"]["completion_tokens"] <= 6
+    greedy = _complete(server, "alpha", "Once upon a time", max_tokens=6).json()["choices"][0]["text"]
+    assert plain.json()["choices"][0]["text"] == greedy
 
 
 def test_mixed_adapter_batch_gives_each_request_its_solo_tokens(server):
@@ -185,18 +194,6 @@ def test_api_key_is_enforced_when_configured(server):
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).json()["error"]["type"] == \
         "authentication_error"
     assert httpx.get(url, headers={"Authorization": "Bearer sekrit"}, timeout=30).status_code == 200
-
-
-def test_serve_config_yaml_is_a_valid_serve_deploy_config():
-    from ray.serve.schema import ServeDeploySchema
-
-    cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
-    schema = ServeDeploySchema.parse_obj(cfg)
-    dep = schema.applications[0].deployments[0]
-    assert dep.autoscaling_config["max_replicas"] >= dep.autoscaling_config["min_replicas"]
-    assert dep.max_ongoing_requests > 0
-    from serve.app import ServeConfig
-    ServeConfig.model_validate(schema.applications[0].args)
 
 
 def test_killed_replica_is_replaced_and_requests_succeed(server):

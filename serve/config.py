@@ -1,0 +1,65 @@
+"""The serving app's settings: composed from `adapter/`'s own types, plus what only serving has.
+
+`model:` is the same `ModelSource` the jobs use (loaded by `adapter.loader.load_model`, which
+checks the tokenizer against the vocabulary); `sampling:` is a `SamplingParams` whose values are
+the defaults of a request that leaves `max_tokens` / `temperature` / `top_p` out. Replica counts
+and autoscaling are not here: they live in the Serve YAML's `deployments:` section only.
+
+`build_app` takes the YAML's `args:` as nested mappings, dotted `key=value` arguments from
+`serve run serve.app:build_app model.base=... adapters=runs`, and `config=FILE` (a YAML file of
+this shape) underneath both. Relative paths resolve with `adapter.settings.project_path`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from adapter.generation import SamplingParams
+from adapter.settings import ModelSource, Section, apply_overrides, load_config, parse_value
+
+
+class ServeConfig(Section):
+    model: ModelSource
+    sampling: SamplingParams = Field(
+        SamplingParams(max_gen_len=128),
+        description="request defaults: max_gen_len is the max_tokens of a request that sends none")
+    adapters: str | None = Field(None, description="adapter root: a folder (relative: to the project root) "
+                                                   "or a pyarrow URI (s3://...)")
+    base_name: str = Field("base", description="the `model` name that means the base without an adapter")
+    max_loaded_adapters: int = Field(8, ge=1, description="adapters kept in memory per replica (LRU)")
+    max_adapter_bytes: int = Field(256 * 2**20, ge=1, description="an adapter file larger than this is refused")
+    max_batch_size: int = Field(8, ge=1, description="rows decoded together (pre-allocated KV cache slots)")
+    batch_wait_ms: float = Field(20, ge=0, description="how long a batch waits for more requests to join")
+    max_waiting: int = Field(64, ge=0, description="rows waiting for a slot; beyond that: 503 + Retry-After")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    max_prompts_per_request: int = Field(8, ge=1)
+    max_n: int = Field(4, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    max_body_bytes: int = Field(2**20, ge=1, description="larger request bodies get 413")
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable holding the API key; the replica refuses to "
+                          "start when it is named but unset or empty. None: no key required")
+
+
+def serve_config(args: dict) -> ServeConfig:
+    """The config from `build_app`'s args: `config=FILE` first, then nested and dotted keys.
+
+    Dotted keys come from the `serve run` command line, where every value is a string: they are
+    read as YAML scalars (`max_n=2` is an int, `api_key_env=null` is None), like `--set` in jobs.
+    """
+    args = dict(args)
+    path = args.pop("config", None)
+    dotted = {k: parse_value(v) if isinstance(v, str) else v for k, v in args.items() if "." in k}
+    plain = {k: v for k, v in args.items() if "." not in k}
+    if path is None:
+        return ServeConfig.model_validate(apply_overrides(plain, dotted))
+    base = load_config(ServeConfig, path).model_dump()
+    return ServeConfig.model_validate(apply_overrides(_merge(base, plain), dotted))
+
+
+def _merge(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+    return into
