@@ -1,15 +1,24 @@
 """Where a replica finds adapters, and the bounded set it keeps loaded.
 
 The adapter root is a local folder or a URI that pyarrow understands (s3://, gs://, file://).
-Each adapter is `<root>/<name>/adapter.safetensors` (the training job's adapter folder) or
-`<root>/<name>.safetensors`. A loaded adapter is kept as its per-layer prompt keys/values,
-computed once through the frozen base, so a request pays nothing for its adapter after the
-first load. The least recently used adapter is evicted past `max_loaded`.
+Adapter `<name>` is the first of `<root>/<name>/adapter/adapter.safetensors` (a training run's
+folder: an adapter root of `runs` serves every run), `<root>/<name>/adapter.safetensors` (an
+exported adapter folder) and `<root>/<name>.safetensors`. A loaded adapter is kept as its
+per-layer prompt keys/values, computed once through the frozen base, so a request pays nothing
+for its adapter after the first load; the least recently used one is evicted past `max_loaded`.
+
+Loading is single-flight (concurrent first requests for a name wait for one load) and copies the
+file to a private temp file first, size-capped, then renames it into place: a reader never sees
+a half-written file, and a huge or endless remote object cannot fill the disk. Every way a file
+can be malformed ends in `AdapterFileError` with a message that names the adapter, never a path
+on the server.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -18,10 +27,12 @@ from pathlib import Path
 import torch
 from pyarrow import fs as pafs
 
-from adapter.adapter_file import ADAPTER_FILENAME, load_adapter
+from adapter.adapter_file import ADAPTER_FILENAME, AdapterFileError, load_adapter
 from adapter.model import PromptKV, Transformer
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+LAYOUTS = ("{name}/adapter/" + ADAPTER_FILENAME, "{name}/" + ADAPTER_FILENAME, "{name}.safetensors")
+CHUNK = 1 << 20
 
 
 class InvalidAdapterName(ValueError):
@@ -33,18 +44,20 @@ class UnknownAdapter(KeyError):
 
 
 def check_name(name: str) -> str:
-    if "/" in name or "\\" in name or ".." in name or not NAME_PATTERN.match(name):
+    if ".." in name or not NAME_PATTERN.fullmatch(name):
         raise InvalidAdapterName(
             f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (no path separators)")
     return name
 
 
 class AdapterStore:
-    def __init__(self, root: str | None, base: Transformer, max_loaded: int = 8):
+    def __init__(self, root: str | None, base: Transformer, max_loaded: int = 8, max_bytes: int = 256 * 2**20):
         self.base = base
-        self.max_loaded = max_loaded
+        self.max_loaded, self.max_bytes = max_loaded, max_bytes
         self.loaded: OrderedDict[str, dict[int, PromptKV]] = OrderedDict()
         self.lock = threading.Lock()
+        self.loading: dict[str, threading.Lock] = {}  # one lock per name: single-flight loads
+        self.loads = 0  # completed loads (single-flight is tested on it)
         self.fs, self.root = (None, None)
         if root:
             self.fs, self.root = pafs.FileSystem.from_uri(root if "://" in root else str(Path(root).resolve()))
@@ -55,41 +68,88 @@ class AdapterStore:
             return []
         names = set()
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
-            base = info.base_name
+            name = info.base_name
             if info.type == pafs.FileType.Directory:
-                inner = self.fs.get_file_info(f"{info.path}/{ADAPTER_FILENAME}")
-                if inner.type == pafs.FileType.File:
-                    names.add(base)
-            elif base.endswith(".safetensors"):
-                names.add(base[: -len(".safetensors")])
-        return sorted(n for n in names if NAME_PATTERN.match(n))
+                if NAME_PATTERN.fullmatch(name) and self._remote_path(name) is not None:
+                    names.add(name)
+            elif name.endswith(".safetensors"):
+                names.add(name[: -len(".safetensors")])
+        return sorted(n for n in names if NAME_PATTERN.fullmatch(n) and ".." not in n)
 
     def _remote_path(self, name: str) -> str | None:
-        for cand in (f"{self.root}/{name}/{ADAPTER_FILENAME}", f"{self.root}/{name}.safetensors"):
+        for layout in LAYOUTS:
+            cand = f"{self.root}/{layout.format(name=name)}"
             if self.fs.get_file_info(cand).type == pafs.FileType.File:
                 return cand
         return None
 
-    def get(self, name: str) -> dict[int, PromptKV]:
-        """Prefixes for `name`, loading (and evicting) as needed."""
-        check_name(name)
+    def _cached(self, name: str) -> dict[int, PromptKV] | None:
         with self.lock:
             if name in self.loaded:
                 self.loaded.move_to_end(name)
                 return self.loaded[name]
+        return None
+
+    def get(self, name: str) -> dict[int, PromptKV]:
+        """Prefixes for `name`, loading (and evicting) as needed; blocking, call it off the event loop."""
+        check_name(name)
+        hit = self._cached(name)
+        if hit is not None:
+            return hit
         remote = self._remote_path(name) if self.fs is not None else None
         if remote is None:
             raise UnknownAdapter(name)
-        local = self.cache / f"{name}.safetensors"
-        with self.fs.open_input_stream(remote) as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        w = self.base.tok_embeddings.weight
-        prompts = load_adapter(local, self.base.args, device=w.device)
-        with torch.no_grad():
-            prefixes = prompts.prefixes(self.base)
         with self.lock:
-            self.loaded[name] = prefixes
-            self.loaded.move_to_end(name)
-            while len(self.loaded) > self.max_loaded:
-                self.loaded.popitem(last=False)
-        return prefixes
+            flight = self.loading.setdefault(name, threading.Lock())
+        with flight:
+            hit = self._cached(name)  # loaded by the request we waited for
+            if hit is not None:
+                return hit
+            prefixes = self._load(name, remote)
+            with self.lock:
+                self.loaded[name] = prefixes
+                self.loads += 1
+                while len(self.loaded) > self.max_loaded:
+                    self.loaded.popitem(last=False)
+            return prefixes
+
+    def _load(self, name: str, remote: str) -> dict[int, PromptKV]:
+        local = self._download(name, remote)
+        try:
+            w = self.base.tok_embeddings.weight
+            prompts = load_adapter(local, self.base.args, device=w.device)
+        except AdapterFileError as e:
+            raise AdapterFileError(str(e).replace(str(local), f"adapter {name!r}")) from None
+        except Exception as e:  # whatever else a malformed file makes a parser raise
+            raise AdapterFileError(f"adapter {name!r}: unreadable adapter file ({type(e).__name__})") from None
+        finally:
+            local.unlink(missing_ok=True)
+        if not (torch.isfinite(prompts.prompt).all() and torch.isfinite(prompts.gate).all()):
+            raise AdapterFileError(f"adapter {name!r}: its prompt or gate holds NaN or infinite values")
+        with torch.no_grad():
+            return prompts.prefixes(self.base)
+
+    def _download(self, name: str, remote: str) -> Path:
+        """Copy to a private temp file, at most max_bytes, then rename: never a partial file in place."""
+        too_big = AdapterFileError(f"adapter {name!r} is larger than this server's limit of {self.max_bytes} bytes")
+        size = self.fs.get_file_info(remote).size
+        if size is not None and size > self.max_bytes:
+            raise too_big
+        fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as dst, self.fs.open_input_stream(remote) as src:
+                total = 0
+                while chunk := src.read(CHUNK):
+                    total += len(chunk)
+                    if total > self.max_bytes:
+                        raise too_big
+                    dst.write(chunk)
+            final = self.cache / f"{name}.{os.getpid()}.{threading.get_ident()}.safetensors"
+            os.replace(tmp, final)
+            return final
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def close(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)

@@ -101,7 +101,8 @@ class AdapterServer:
         loaded = load_model(cfg.model, device=cfg.model.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
         log.info("LLaMA-Adapter replica: %s on %s (%s)", loaded.note, loaded.device, loaded.dtype)
         self.base, self.tok = loaded.base, loaded.tokenizer
-        self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters)
+        self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters,
+                                     cfg.max_adapter_bytes)
         self.engine = BatchingEngine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
         self.api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
 

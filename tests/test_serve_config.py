@@ -63,7 +63,7 @@ def test_serve_yaml_files_hold_valid_app_args_and_autoscaling_lives_only_there()
 
     import serve.app
 
-    for name in ("config.yaml",):
+    for name in ("config.yaml", "local.yaml"):
         schema = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serve" / name).read_text()))
         app = schema.applications[0]
         assert isinstance(serve_config(app.args), ServeConfig)
