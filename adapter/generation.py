@@ -63,6 +63,47 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return torch.where(temperature == 0, greedy, idx.gather(-1, choice[:, None]).squeeze(-1))
 
 
+def sample_row(logits: torch.Tensor, temperature: float, top_p: float,
+               generator: torch.Generator | None = None) -> int:
+    """One row's next token (logits: (vocab,)), drawn with that row's own generator: the draw
+    depends only on the row and its seed, never on what else is in the batch."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, idx = probs.sort(descending=True)
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0)
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+    return int(idx[choice])
+
+
+def stack_prefixes(rows: list[dict[int, PromptKV] | None]) -> dict[int, PromptKV]:
+    """Per-request prefixes stacked into one batch, adapters of different prompt lengths included:
+    each layer is padded to its longest prompt and `mask` hides a row's padded slots. A row with
+    no prompt at a layer gets zero keys/values (all visible: a softmax needs one finite key) and
+    gate 0, which adds exactly nothing. The mask is always set, so a row takes the same attention
+    path alone as in any batch."""
+    present = [r for r in rows if r]
+    out = {}
+    for i in sorted({i for r in present for i in r}):
+        ref = next(r[i] for r in present if i in r)
+        width = max(r[i].k.shape[2] for r in present if i in r)
+        ks, vs, gs, ms = [], [], [], []
+        for r in rows:
+            p = r.get(i) if r else None
+            k = ref.k.new_zeros(1, *ref.k.shape[1:2], width, ref.k.shape[3])
+            v = ref.v.new_zeros(1, *ref.v.shape[1:2], width, ref.v.shape[3])
+            m = torch.ones(1, width, dtype=torch.bool, device=ref.k.device)
+            if p is None:
+                g = torch.zeros_like(ref.gate)
+            else:
+                n = p.k.shape[2]
+                k[:, :, :n], v[:, :, :n], m[:, n:] = p.k, p.v, False
+                g = p.gate
+            ks.append(k); vs.append(v); gs.append(g); ms.append(m)
+        out[i] = PromptKV(k=torch.cat(ks), v=torch.cat(vs), gate=torch.cat(gs), mask=torch.cat(ms))
+    return out
+
+
 @torch.inference_mode()
 def generate(base: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              eos_id: int, adapters: list[dict[int, PromptKV] | None] | None = None,

@@ -59,11 +59,23 @@ class PromptKV:
 
     k, v: (B or 1, n_kv_heads, K, head_dim); gate: (B or 1, n_heads). Rows with gate 0 get
     exactly nothing from the prompt, which is how a mixed batch includes plain base-model rows.
+    mask: optional (B, K) bool, the prompt slots each row attends to: adapters with different
+    prompt lengths share a batch by padding to the longest K and masking the rest per row.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     gate: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class RowStarts:
+    """Continuous batching: row b's new tokens go to cache slots first[b].., each row at its own
+    length, and attention reads keys up to `end` (the longest row), hiding each row's unused slots."""
+
+    first: torch.Tensor  # (B,) long
+    end: int
 
 
 class KVCache:
@@ -74,11 +86,24 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+    def update(self, start: int | RowStarts, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, RowStarts):
+            slots = start.first[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, slots] = k.transpose(1, 2)
+            self.v[rows, :, slots] = v.transpose(1, 2)
+            end = start.end
+        else:
+            end = start + k.shape[2]
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def rows(self, first: int, stop: int) -> KVCache:
+        """A view of rows first..stop-1 (writes go to this cache): one engine slot or a run of them."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[first:stop], self.v[first:stop]
+        return view
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -115,7 +140,8 @@ class Attention(nn.Module):
             # Zero-init attention: the prompt gets its own softmax (no mask, no rotary), scaled by
             # the gate, so with gate 0 the layer is exactly the base layer.
             p = F.scaled_dot_product_attention(
-                q, repeat_kv(prefix.k, rep).type_as(q), repeat_kv(prefix.v, rep).type_as(q))
+                q, repeat_kv(prefix.k, rep).type_as(q), repeat_kv(prefix.v, rep).type_as(q),
+                attn_mask=None if prefix.mask is None else prefix.mask[:, None, None, :])
             out = out + prefix.gate[:, :, None, None].type_as(out) * p
         return self.wo(out.transpose(1, 2).flatten(2))
 
@@ -167,24 +193,33 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def hidden(self, tokens: torch.Tensor, start: int = 0, pad: torch.Tensor | None = None,
+    def hidden(self, tokens: torch.Tensor, start: int | list[int] = 0, pad: torch.Tensor | None = None,
                caches: list[KVCache] | None = None, prefixes: dict[int, PromptKV] | None = None,
                no_grad_below: int = 0) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim) for `tokens` occupying slots start..start+T.
 
+        start: one first slot for the batch, or one per row (continuous batching: every row at its
+        own length, no padding; each row's slot is its position).
         pad: (B,) first real slot of each row (left padding); None means no padding.
         no_grad_below: layers below this index run without autograd: nothing trainable reaches
         them when the adapter starts above (METHOD.md section 3).
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
-        if pad is None:
-            pad = torch.zeros(bsz, dtype=torch.long, device=device)
-        # Unpadded from slot 0 is plain causal attention: no explicit mask, so fused kernels apply.
-        padded = start != 0 or bool(pad.any())
-        mask = attention_mask(pad, start, seqlen, device) if padded else None
-        slots = torch.arange(start, start + seqlen, device=device)
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+        if isinstance(start, list):
+            first = torch.tensor(start, dtype=torch.long, device=device)
+            positions = first[:, None] + torch.arange(seqlen, device=device)  # (B, T)
+            end = max(start) + seqlen
+            mask = (torch.arange(end, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+            start = RowStarts(first, end)
+        else:
+            if pad is None:
+                pad = torch.zeros(bsz, dtype=torch.long, device=device)
+            # Unpadded from slot 0 is plain causal attention: no explicit mask, so fused kernels apply.
+            padded = start != 0 or bool(pad.any())
+            mask = attention_mask(pad, start, seqlen, device) if padded else None
+            slots = torch.arange(start, start + seqlen, device=device)
+            positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         cos, sin = rotary_tables(self.args.head_dim, positions, self.args.rope_theta)
         prefixes = prefixes or {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and no_grad_below == 0):

@@ -81,7 +81,7 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wai
         for label, batch, models in (("one-at-a-time", 1, names[:1]), ("batched, 1 adapter", 16, names[:1]),
                                      ("batched, 8 adapters mixed", 16, names)):
             cfg = {"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")}, "adapters": tmp,
-                   "max_batch_size": batch, "batch_wait_ms": batch_wait_ms, "max_tokens_limit": 256}
+                   "max_batch_size": batch, "max_tokens_limit": 256}
             serve.run(build_app(cfg), name="bench", route_prefix="/")
             _load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
             rows[label] = _load(url, models, n_requests, clients, max_tokens)
@@ -89,7 +89,7 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wai
     serve.shutdown()
     result = {
         "what": "OpenAI /v1/completions on loopback, greedy, stories260K base, 1 replica (measured)",
-        "settings": {"max_tokens": max_tokens, "batch_wait_ms": batch_wait_ms, "max_batch_size": 16},
+        "settings": {"max_tokens": max_tokens, "max_batch_size": 16},
         "rows": rows,
         "batched_vs_one_at_a_time": rows["batched, 1 adapter"]["tokens_per_s"] / rows["one-at-a-time"]["tokens_per_s"],
         "mixed_vs_single_adapter": rows["batched, 8 adapters mixed"]["tokens_per_s"] / rows["batched, 1 adapter"]["tokens_per_s"],

@@ -1,45 +1,100 @@
-"""The OpenAI-compatible request and response shapes, and how chat becomes an Alpaca prompt."""
+"""The OpenAI-compatible request and response shapes, and how chat becomes an Alpaca prompt.
+
+Every field is checked where it is parsed: numbers must be finite (NaN, Infinity and integers too
+large for a float are refused), text must be encodable (a lone surrogate such as "\\ud800" is
+refused before it reaches the tokenizer). Fields this server does not implement are refused by
+name unless they hold OpenAI's no-op value (`unsupported_parameters`): nothing is silently ignored.
+Sampling fields left out are None and take the server's configured defaults.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from adapter.prompts import format_prompt
 
-class CompletionRequest(BaseModel):
-    # Clients send fields we do not use (user, n=1, ...); accept them rather than fail.
+
+def _finite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError("number is too large") from None
+    if not math.isfinite(f):
+        raise ValueError("must be a finite number (not NaN or Infinity)")
+    return f
+
+
+def _encodable(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (it holds a lone surrogate such as \\ud800)") from None
+    return s
+
+
+Number = Annotated[float, BeforeValidator(_finite)]
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+
+# Fields we accept only at the value that changes nothing (OpenAI's default), else 400 naming them.
+NO_OP_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+                "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+                "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+                "parallel_tool_calls": (None,), "store": (None, False), "service_tier": (None, "auto")}
+HARMLESS = {"user", "metadata"}  # identify the caller; they do not change the output
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: StrictStr
-    prompt: StrictStr | list[StrictStr]
+    model: Text
     max_tokens: StrictInt | None = None
-    # None: the server's configured default (ServeConfig.sampling).
-    temperature: StrictFloat | StrictInt | None = None
-    top_p: StrictFloat | StrictInt | None = None
-    stream: StrictBool = False
+    temperature: Number | None = None
+    top_p: Number | None = None
+    n: StrictInt = 1
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    def unsupported_parameters(self) -> list[str]:
+        bad = []
+        for key, value in (self.model_extra or {}).items():
+            if key in HARMLESS:
+                continue
+            if key not in NO_OP_VALUES or not any(value == ok and isinstance(value, bool) == isinstance(ok, bool)
+                                                   for ok in NO_OP_VALUES[key]):
+                bad.append(key)
+        return sorted(bad)
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Request):
+    prompt: Text | list[Text]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: StrictStr
+class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    # None: the server's configured default (ServeConfig.sampling).
-    temperature: StrictFloat | StrictInt | None = None
-    top_p: StrictFloat | StrictInt | None = None
-    stream: StrictBool = False
-    seed: StrictInt | None = None
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
@@ -62,22 +117,27 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def completion_response(rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int,
                         completion_tokens: int) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(texts)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_response(rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int,
+                  completion_tokens: int) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
+                    for i, (t, f) in enumerate(texts)],
+        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
@@ -89,3 +149,9 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None, index:
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk of a stream with `stream_options: {include_usage: true}` (empty choices)."""
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

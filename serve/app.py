@@ -1,12 +1,20 @@
 """Ray Serve application: one frozen base per replica, many adapters, an OpenAI-compatible API.
 
-    serve run serve/config.yaml                      # or: serve deploy serve/config.yaml
+    serve run serve/local.yaml                       # or: serve deploy serve/local.yaml
     serve run serve.app:build_app model.base=DIR model.tokenizer=FILE adapters=DIR
 
-Routes (no `from __future__ import annotations` here: FastAPI must see real types): POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
-server-sent events), GET /v1/models, GET /health. The request's `model` names an adapter from
-the adapter root, or the base model by its configured name. Every bad request gets a 4xx with an
-OpenAI-shaped error body; an API key is enforced when `api_key_env` names a set variable.
+Routes (no `from __future__ import annotations` here: FastAPI must see real types): POST
+/v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events), GET
+/v1/models, GET /health. The request's `model` names an adapter from the adapter root, or the base
+by its configured name. Requests join the replica's continuously batched engine
+(serve/engine.py) as rows. Everything a request can get wrong is refused before it joins, with an
+OpenAI-shaped 4xx; a full engine answers 503 with Retry-After. The API key and the body limit are
+checked before the body is read (serve/guard.py); /docs and /openapi.json are off.
+
+Greedy output of a request does not depend on its batch on CPU in float32 (tested). On a GPU in
+bfloat16 the kernels chosen for different batch shapes round differently, so a greedy request can
+diverge from its solo run after some tokens; sampling with a seed is reproducible only under the
+same condition.
 """
 
 
@@ -27,29 +35,41 @@ from adapter.adapter_file import AdapterFileError
 from adapter.generation import SamplingParams
 from adapter.loader import load_model
 from adapter.settings import project_path
-from adapter.tokenizer import Tokenizer
 from serve.adapters import AdapterStore, InvalidAdapterName, UnknownAdapter
 from serve.api import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
-                       completion_response, error_body, new_id, render_chat)
+                       completion_response, error_body, new_id, render_chat, usage_chunk)
 from serve.config import ServeConfig, serve_config
-from serve.engine import BatchingEngine
+from serve.engine import ContextOverflow, Engine, EngineFull, Sequence
+from serve.engine_loop import EngineLoop
+from serve.guard import GuardSettings, RequestGuard, configure
+from serve.text import TextStream
 
 log = logging.getLogger("ray.serve")
+RETRY_AFTER_S = 1
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_SEED = 2**63
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-app = FastAPI(title="LLaMA-Adapter", description="OpenAI-compatible completions for a LLaMA and its adapters")
+app = FastAPI(title="LLaMA-Adapter", description="OpenAI-compatible completions for a LLaMA and its adapters",
+              docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(RequestGuard)
+
+
+def _error_type(status: int) -> str:
+    return "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
 
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
-    type_ = "authentication_error" if e.status == 401 else "invalid_request_error"
-    return JSONResponse(error_body(e.message, type_, e.param, e.code), status_code=e.status)
+    return JSONResponse(error_body(e.message, _error_type(e.status), e.param, e.code), status_code=e.status,
+                        headers=e.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -68,7 +88,7 @@ async def _validation_error(request: Request, e: RequestValidationError):
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, e: HTTPException):
-    return JSONResponse(error_body(str(e.detail)), status_code=e.status_code)
+    return JSONResponse(error_body(str(e.detail), _error_type(e.status_code)), status_code=e.status_code)
 
 
 def resolved_paths(cfg: ServeConfig) -> dict[str, str | None]:
@@ -77,12 +97,17 @@ def resolved_paths(cfg: ServeConfig) -> dict[str, str | None]:
             "adapters": project_path(cfg.adapters)}
 
 
-def incremental_text(tok: Tokenizer, tokens: list[int], sent: str) -> str:
-    """New text since `sent`; holds back a partial UTF-8 character until it is complete."""
-    text = tok.decode(tokens)
-    if text.endswith("\ufffd") or not text.startswith(sent):
-        return ""
-    return text[len(sent):]
+def api_key_from_env(cfg: ServeConfig) -> str | None:
+    """The key, from the replica's environment. Named but unset or empty: refuse to start (auth
+    must never be silently off); not named: no key required."""
+    if cfg.api_key_env is None:
+        return None
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key:
+        raise RuntimeError(f"api_key_env names {cfg.api_key_env!r}, which is unset or empty in this replica's "
+                           "environment: refusing to serve without the key (set it where Ray was started, or "
+                           "remove api_key_env to serve without a key)")
+    return key
 
 
 def sse(obj) -> str:
@@ -96,6 +121,7 @@ class AdapterServer:
     def __init__(self, config: dict):
         cfg = ServeConfig.model_validate(config)
         self.cfg = cfg
+        configure(GuardSettings(api_key_from_env(cfg), cfg.max_body_bytes))
         log.info("LLaMA-Adapter replica config: %s; paths: %s", cfg.model_dump_json(), resolved_paths(cfg))
         # Auto device: cuda only when Ray reserved a GPU for this replica (never an unreserved GPU 0).
         loaded = load_model(cfg.model, device=cfg.model.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
@@ -103,40 +129,53 @@ class AdapterServer:
         self.base, self.tok = loaded.base, loaded.tokenizer
         self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters,
                                      cfg.max_adapter_bytes)
-        self.engine = BatchingEngine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
-        self.api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        self.engine = Engine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.max_waiting)
+        self.loop = EngineLoop(self.engine)
 
     def check_health(self) -> None:
-        task = self.engine.task
-        if task is not None and task.done():
-            raise RuntimeError(f"batching loop stopped: {task.exception()!r}")
+        if not self.loop.alive:
+            raise RuntimeError(f"engine loop stopped: {self.loop.task.exception()!r}")
 
-    # --- request checks -------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
-            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
+    # --- admission: everything a request can get wrong is refused here --------------------------
+    def _check_request(self, body, n_prompts: int) -> None:
+        bad = body.unsupported_parameters()
+        if bad:
+            raise ApiError(400, f"parameter(s) not supported by this server: {', '.join(bad)}", bad[0],
+                           "unsupported_parameter")
+        if not 1 <= body.n <= self.cfg.max_n:
+            raise ApiError(400, f"n must be between 1 and {self.cfg.max_n}, got {body.n}", "n")
+        if body.seed is not None and not 0 <= body.seed < MAX_SEED:
+            raise ApiError(400, f"seed must be an integer in [0, 2**63), got {body.seed}", "seed")
+        if len(body.stop_list()) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
+        if body.stream and (n_prompts != 1 or body.n != 1):
+            raise ApiError(400, "stream supports one prompt and n=1 per request", "stream")
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
 
-    def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None) -> SamplingParams:
+    def _sampling(self, body, max_tokens: int | None, longest_prompt: int) -> SamplingParams:
         """A request's sampling settings; what it leaves out comes from the config's `sampling`."""
-        default = self.cfg.sampling
-        if max_tokens is None:
-            max_tokens = min(default.max_gen_len, self.cfg.max_tokens_limit)
-        temperature = default.temperature if temperature is None else temperature
-        top_p = default.top_p if top_p is None else top_p
-        if max_tokens <= 0:
+        default, limit = self.cfg.sampling, self.cfg.max_tokens_limit
+        if max_tokens is None:  # as much as fits, up to the configured default
+            max_tokens = max(1, min(default.max_gen_len, limit, self.engine.context - longest_prompt))
+        if max_tokens < 1:
             raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
-        if max_tokens > self.cfg.max_tokens_limit:
-            raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of "
-                                f"{self.cfg.max_tokens_limit}", "max_tokens")
+        if max_tokens > limit:
+            raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {limit}", "max_tokens")
+        temperature = default.temperature if body.temperature is None else body.temperature
+        top_p = default.top_p if body.top_p is None else body.top_p
         if temperature < 0:
             raise ApiError(400, f"temperature must be >= 0, got {temperature}", "temperature")
         if not 0 < top_p <= 1:
             raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-        return SamplingParams(max_gen_len=max_tokens, temperature=float(temperature), top_p=float(top_p))
+        return SamplingParams(max_gen_len=max_tokens, temperature=temperature, top_p=top_p)
+
+    def _encode_all(self, texts: list[str], param: str) -> list[list[int]]:
+        """Runs in a worker thread: tokenizing a long prompt must not stall the event loop."""
+        try:
+            return [self.tok.encode(t, bos=True) for t in texts]
+        except Exception as e:
+            raise ApiError(400, f"{param} could not be tokenized ({type(e).__name__})", param) from None
 
     async def _prefixes(self, model: str):
         if model == self.cfg.base_name:
@@ -149,24 +188,62 @@ class AdapterServer:
             raise ApiError(404, f"model {model!r} not found; GET /v1/models lists what is served",
                            "model", "model_not_found") from None
         except AdapterFileError as e:
-            raise ApiError(500, f"adapter {model!r} could not be loaded: {e}", "model") from None
+            raise ApiError(500, f"adapter could not be loaded: {e}", "model", "adapter_unloadable") from None
 
-    def _encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, bos=True)
-        ctx = self.base.args.max_seq_len
-        if len(ids) >= ctx:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; the model's context is {ctx} tokens",
-                           "prompt", "context_length_exceeded")
-        return ids
+    async def _admit(self, body, texts: list[str], param: str, max_tokens: int | None):
+        """Check, tokenize, and queue every row of a request: (prompt token counts, rows)."""
+        self._check_request(body, len(texts))
+        encoded = await asyncio.to_thread(self._encode_all, texts, param)
+        params = self._sampling(body, max_tokens, max(len(e) for e in encoded))
+        for ids in encoded:
+            try:
+                self.engine.check(len(ids), params)
+            except ContextOverflow as e:
+                raise ApiError(400, str(e), param, "context_length_exceeded") from None
+        prefixes = await self._prefixes(body.model)
+        rows: list[Sequence] = []
+        try:
+            for ids in encoded:
+                for j in range(body.n):  # choices of one prompt differ by seed when a seed is given
+                    seed = None if body.seed is None else (body.seed + j) % MAX_SEED
+                    rows.append(self.loop.submit(ids, params, prefixes, seed))
+        except EngineFull:
+            for row in rows:
+                self.loop.cancel(row)
+            raise ApiError(503, "this replica is at capacity; retry shortly", None, "overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        return [len(e) for e in encoded], rows
+
+    async def _collect(self, row: Sequence, stop: list[str]) -> tuple[str, str]:
+        text = TextStream(self.tok, stop)
+        async for _ in self.loop.updates(row):
+            text.update(row.tokens)
+            if text.stopped:
+                self.loop.cancel(row, "stop")
+                break
+        if row.error is not None:
+            raise ApiError(500, f"generation failed ({type(row.error).__name__})", code="generation_failed")
+        if not text.stopped:
+            text.update(row.tokens)
+        return text.text, "length" if row.finish_reason == "length" and not text.stopped else "stop"
+
+    async def _complete_all(self, rows: list[Sequence], stop: list[str]) -> list[tuple[str, str]]:
+        try:
+            return await asyncio.gather(*(self._collect(r, stop) for r in rows))
+        finally:  # an error or a disconnect: free every row still running
+            for r in rows:
+                if not r.done:
+                    self.loop.cancel(r)
 
     # --- routes ---------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        return {"status": "ok", "batches_run": self.engine.batches_run}
+        if not self.loop.alive:
+            return JSONResponse({"status": "engine loop stopped"}, status_code=503)
+        return {"status": "ok", **self.engine.stats()}
 
     @app.get("/v1/models")
-    async def models(self, request: Request):
-        self._authorize(request)
+    async def models(self):
         names = [self.cfg.base_name] + await asyncio.to_thread(self.adapters.available)
         now = int(time.time())
         return {"object": "list", "data": [
@@ -174,67 +251,69 @@ class AdapterServer:
              "loaded": n == self.cfg.base_name or n in self.adapters.loaded} for n in names]}
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
+    async def completions(self, body: CompletionRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > self.cfg.max_prompts_per_request:
             raise ApiError(400, f"prompt must be a string or a list of 1 to "
                                 f"{self.cfg.max_prompts_per_request} strings", "prompt")
-        if body.stream and len(prompts) != 1:
-            raise ApiError(400, "stream supports a single prompt per request", "prompt")
-        params = self._sampling(body.max_tokens, body.temperature, body.top_p)
-        encoded = [self._encode(p) for p in prompts]
-        prefixes = await self._prefixes(body.model)
-        jobs = [await self.engine.submit(ids, prefixes, params) for ids in encoded]
+        prompt_tokens, rows = await self._admit(body, prompts, "prompt", body.max_tokens)
         rid = new_id("cmpl")
         if body.stream:
-            return StreamingResponse(self._stream(jobs[0], rid, body.model, chat=False),
+            return StreamingResponse(self._stream(rows[0], rid, body, prompt_tokens[0], chat=False),
                                      media_type="text/event-stream")
-        for job in jobs:
-            async for _ in self.engine.stream(job):
-                pass
-        texts = [(self.tok.decode(j.tokens), j.finish_reason) for j in jobs]
-        resp = completion_response(rid, body.model, texts, sum(map(len, encoded)), sum(len(j.tokens) for j in jobs))
-        return JSONResponse(resp, headers={"x-batch-size": ",".join(str(j.batch_size) for j in jobs)})
+        texts = await self._complete_all(rows, body.stop_list())
+        resp = completion_response(rid, body.model, texts, sum(prompt_tokens), sum(len(r.tokens) for r in rows))
+        return JSONResponse(resp, headers={"x-batch-size": ",".join(str(r.max_batch) for r in rows)})
 
     @app.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, request: Request):
-        self._authorize(request)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._sampling(max_tokens, body.temperature, body.top_p)
+    async def chat(self, body: ChatRequest):
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         try:
             prompt = render_chat(body.messages)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
-        ids = self._encode(prompt)
-        prefixes = await self._prefixes(body.model)
-        job = await self.engine.submit(ids, prefixes, params)
+        prompt_tokens, rows = await self._admit(body, [prompt], "messages", max_tokens)
         rid = new_id("chatcmpl")
         if body.stream:
-            return StreamingResponse(self._stream(job, rid, body.model, chat=True), media_type="text/event-stream")
-        async for _ in self.engine.stream(job):
-            pass
-        resp = chat_response(rid, body.model, self.tok.decode(job.tokens), job.finish_reason, len(ids), len(job.tokens))
-        return JSONResponse(resp, headers={"x-batch-size": str(job.batch_size)})
+            return StreamingResponse(self._stream(rows[0], rid, body, prompt_tokens[0], chat=True),
+                                     media_type="text/event-stream")
+        texts = await self._complete_all(rows, body.stop_list())
+        resp = chat_response(rid, body.model, texts, prompt_tokens[0], sum(len(r.tokens) for r in rows))
+        return JSONResponse(resp, headers={"x-batch-size": ",".join(str(r.max_batch) for r in rows)})
 
-    async def _stream(self, job, rid: str, model: str, chat: bool):
-        sent = ""
-        if chat:
-            yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+    async def _stream(self, row: Sequence, rid: str, body, prompt_tokens: int, chat: bool):
+        model = body.model
+        text = TextStream(self.tok, body.stop_list())
+
+        def chunk(delta: str, finish: str | None) -> str:
+            if chat:
+                return sse(chat_chunk(rid, model, {"content": delta} if delta or finish is None else {}, finish))
+            return sse(completion_chunk(rid, model, delta, finish))
+
         try:
-            async for _ in self.engine.stream(job):
-                delta = incremental_text(self.tok, job.tokens, sent)
+            if chat:
+                yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+            async for _ in self.loop.updates(row):
+                delta = text.update(row.tokens)
                 if delta:
-                    sent += delta
-                    yield sse(chat_chunk(rid, model, {"content": delta}, None) if chat
-                              else completion_chunk(rid, model, delta, None))
-        except Exception as e:  # headers are gone: report in-band, as OpenAI does
-            yield sse(error_body(f"generation failed: {e}", "server_error"))
-            return
-        tail = self.tok.decode(job.tokens)[len(sent):]
-        yield sse(chat_chunk(rid, model, {"content": tail} if tail else {}, job.finish_reason) if chat
-                  else completion_chunk(rid, model, tail, job.finish_reason))
-        yield "data: [DONE]\n\n"
+                    yield chunk(delta, None)
+                if text.stopped:
+                    self.loop.cancel(row, "stop")
+                    break
+            if row.error is not None:  # headers are gone: report in-band, as OpenAI does
+                yield sse(error_body(f"generation failed ({type(row.error).__name__})", "server_error"))
+                return
+            if not text.stopped:
+                text.update(row.tokens)
+            finish = "length" if row.finish_reason == "length" and not text.stopped else "stop"
+            yield chunk(text.finish(), finish)
+            if body.stream_options is not None and body.stream_options.include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield sse(usage_chunk(rid, model, obj, prompt_tokens, len(row.tokens)))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (Serve cancels the handler) or we are done
+            if not row.done:
+                self.loop.cancel(row)
 
 
 def build_app(args: dict) -> serve.Application:

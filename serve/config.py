@@ -29,7 +29,6 @@ class ServeConfig(Section):
     max_loaded_adapters: int = Field(8, ge=1, description="adapters kept in memory per replica (LRU)")
     max_adapter_bytes: int = Field(256 * 2**20, ge=1, description="an adapter file larger than this is refused")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together (pre-allocated KV cache slots)")
-    batch_wait_ms: float = Field(20, ge=0, description="how long a batch waits for more requests to join")
     max_waiting: int = Field(64, ge=0, description="rows waiting for a slot; beyond that: 503 + Retry-After")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompts_per_request: int = Field(8, ge=1)

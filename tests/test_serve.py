@@ -47,7 +47,7 @@ def server(ray_cluster, tmp_path_factory):
     # Server defaults for what a request leaves out: greedy, 6 tokens (checked below).
     cfg = serve_config({"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
                         "sampling": {"max_gen_len": 6, "temperature": 0.0}, "adapters": str(root),
-                        "base_name": "stories260k", "max_tokens_limit": 64, "batch_wait_ms": 100}).model_dump(mode="json")
+                        "base_name": "stories260k", "max_tokens_limit": 64}).model_dump(mode="json")
     serve.run(build_app(cfg), name="llama", route_prefix="/")
     secure = deployment_for(serve_config(cfg)).options(name="SecureServer",
                                    ray_actor_options={"runtime_env": {"env_vars": {"TEST_API_KEY": "sekrit"}}})
