@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-SUITES = ("train-vs-peft", "projection", "preprocess", "serve")
+SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check")
 
 
 def run_suite(name: str, quick: bool = False) -> dict:
@@ -21,6 +21,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.preprocess_bench import run
     elif name == "serve":
         from bench.serve_bench import run
+    elif name == "gpu-check":
+        from bench.gpu_check import run  # the tiny shape on CPU (or with --quick), LLaMA-7B on a GPU
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return run(quick=quick)
