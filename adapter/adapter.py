@@ -99,8 +99,9 @@ class AdaptedLlama(nn.Module):
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         return self.base.output(self.hidden(tokens, **kw)).float()
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over labelled positions, and how many there were.
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy over labelled positions, and how many there were (a
+        0-d tensor: reading it would stall a GPU step, so callers sum it and read it rarely).
 
         Logits are computed only where the label counts (about half of the real tokens of an
         Alpaca batch and none of its padding): the output projection is a large share of the cost.
@@ -109,10 +110,9 @@ class AdaptedLlama(nn.Module):
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         logits = self.base.output(h[keep]).float()
-        n = int(keep.sum())
-        if n == 0:
-            return logits.sum() * 0.0, 0
-        return torch.nn.functional.cross_entropy(logits, target[keep]), n
+        n = keep.sum()
+        total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
+        return total / n.clamp(min=1), n
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapter.checkpoint import load_base
+from adapter.checkpoint import context_length, load_base
 from adapter.config import preset
 from adapter.model import Transformer, build_on_meta
 from adapter.settings import ModelSource, project_path
@@ -70,3 +70,13 @@ def load_model(source: ModelSource, device: str | torch.device | None = None) ->
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
                          f"vocabulary is {base.args.vocab_size}: they do not belong together")
     return LoadedModel(base, tokenizer, dev, dtype, note)
+
+
+def model_context(source: ModelSource) -> int:
+    """The context length of the configured base, from its config file alone (no weights)."""
+    base_path = project_path(source.base)
+    if base_path and Path(base_path).exists():
+        return context_length(base_path)
+    if source.preset:
+        return preset(source.preset).max_seq_len
+    raise FileNotFoundError(f"model.base {base_path} not found and no model.preset fallback given")

@@ -100,13 +100,16 @@ def resolve_config_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"config {str(name)!r} not found (looked in . and {CONFIG_DIR})")
 
 
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | dict = ()) -> C:
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | dict = (),
+                ignore: set[str] = frozenset()) -> C:
+    """`ignore`: top-level sections that belong to another job reading the same file."""
     data = {}
     if path is not None:
         data = yaml.safe_load(resolve_config_path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file holds a mapping of sections, not {type(data).__name__}")
-    return cls.model_validate(apply_overrides(data, overrides))
+    data = apply_overrides(data, overrides)
+    return cls.model_validate({k: v for k, v in data.items() if k not in ignore})
 
 
 def save_config(config: BaseModel, path: Path) -> Path:
@@ -124,8 +127,8 @@ def add_config_args(ap: argparse.ArgumentParser, default: str | None) -> None:
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def config_from_args(cls: type[C], a: argparse.Namespace) -> C:
-    cfg = load_config(cls, a.config, a.overrides)
+def config_from_args(cls: type[C], a: argparse.Namespace, ignore: set[str] = frozenset()) -> C:
+    cfg = load_config(cls, a.config, a.overrides, ignore)
     if a.print_config:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         raise SystemExit(0)
@@ -140,17 +143,14 @@ def in_ray_working_dir(cwd: Path | None = None) -> bool:
 
 def _editable_source() -> Path | None:
     """The folder this project was `pip install -e`'d from, if it was (PEP 610 direct_url.json)."""
-    try:
-        raw = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
-    except metadata.PackageNotFoundError:
-        return None
-    if not raw:
-        return None
-    info = json.loads(raw)
-    if not info.get("dir_info", {}).get("editable") or not info.get("url", "").startswith("file://"):
-        return None
-    path = Path(unquote(urlparse(info["url"]).path))
-    return path if path.is_dir() else None
+    # Several may be found (a source tree's own *.egg-info on sys.path): the installed one says.
+    for dist in metadata.distributions(name=DISTRIBUTION):
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+        if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file://"):
+            path = Path(unquote(urlparse(info["url"]).path))
+            if path.is_dir():
+                return path
+    return None
 
 
 def project_root() -> Path:

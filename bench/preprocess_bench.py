@@ -36,7 +36,7 @@ def run(repeat_factors=(1, 10), quick: bool = False) -> dict:
     import ray
     from ray.data import DataContext
 
-    from pipelines.config import DataConfig
+    from pipelines.config import DataConfig, PreprocessConfig
     from pipelines.preprocess import run as ray_run
 
     src = SHARED_DATA / "alpaca_data.json"
@@ -66,7 +66,8 @@ def run(repeat_factors=(1, 10), quick: bool = False) -> dict:
                 DataContext.get_current().enable_progress_bars = False
                 init_s = time.perf_counter() - t_init
                 t0 = time.perf_counter()
-                stats = ray_run(DataConfig(source=str(path), tokenizer=tokenizer, out=str(tmp / f"ray{cpus}_x{factor}")))
+                stats = ray_run(PreprocessConfig(model={"preset": "llama-7b", "tokenizer": tokenizer},
+                                                 data=DataConfig(source=str(path), out=str(tmp / f"ray{cpus}_x{factor}"))))
                 dt = time.perf_counter() - t0
                 rows.append({"method": f"Ray Data, {cpus} CPU", "repeat": factor, "records": len(data),
                              "seconds": dt, "ray_init_seconds": init_s, "records_per_s": len(data) / dt,

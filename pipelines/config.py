@@ -1,55 +1,43 @@
-"""One config system for every job: typed pydantic models, loaded from YAML, overridden on the
-command line with `--set section.key=value`, and saved resolved next to each run's output.
+"""The jobs' configs, built from the sections in `adapter/settings.py` (the one config system).
 
-Unknown keys are errors (a typo in a YAML file must not silently fall back to a default).
+A training YAML holds every section; the preprocessing job reads the same file and uses its
+`model` (the tokenizer, and the context the data must fit) and `data` sections, so both jobs see
+one set of facts. Each job saves its resolved config beside its outputs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from adapter.generation import SamplingParams
+from adapter.settings import (CONFIG_DIR, ModelConfig, Section, add_config_args, config_from_args,  # noqa: F401
+                              load_config, save_config)
 
 
-class DataConfig(Strict):
+class DataConfig(Section):
     source: str = Field(description="Alpaca JSON / JSONL: a path or an http(s)/file URL")
     sha256: str | None = Field(None, description="expected sha256 of the source file")
-    tokenizer: str = Field(description="SentencePiece tokenizer.model")
     out: str = Field(description="folder for parquet shards, stats.json and rejects.jsonl")
-    max_seq_len: int = Field(512, ge=8)
+    max_seq_len: int = Field(512, ge=8, description="records are cut to this many tokens")
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="use only the first N records (a quick subset)")
 
 
-class ModelConfig(Strict):
-    base: str | None = Field(None, description="Meta or Hugging Face checkpoint folder")
-    preset: str | None = Field(None, description="random-initialised base of a named shape (last resort)")
-    adapter_len: int = Field(10, ge=1)
-    adapter_layers: int = Field(30, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.base is None and self.preset is None:
-            raise ValueError("model needs `base` (a checkpoint folder) or `preset`")
-        return self
+class RaySection(Section):
+    num_cpus: int | None = Field(
+        None, ge=1, description="logical CPUs of a local Ray started by this job (ignored when a cluster is running)")
+    verbose: bool = Field(False, description="show Ray's own logs and progress bars on the console")
 
 
-class OptimConfig(Strict):
+class OptimConfig(Section):
     recipe: Literal["script", "paper", "custom"] = Field(
-        "script", description="script: lr = blr * global_batch / 256 (authors' code); paper: lr 9e-3 absolute")
-    blr: float = 9e-3
-    lr: float | None = Field(None, description="absolute learning rate (recipe 'custom')")
+        "script", description="script: lr = blr x global batch / 256 (authors' code); paper: lr = blr (absolute, "
+                              "the paper's batch 64); custom: lr")
+    blr: float = Field(9e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="absolute learning rate (recipe 'custom')")
     min_lr: float = 0.0
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.95)
@@ -61,44 +49,64 @@ class OptimConfig(Strict):
     group_by_length: bool = True
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _custom_needs_lr(self):
+        if self.recipe == "custom" and self.lr is None:
+            raise ValueError("optim.recipe 'custom' needs optim.lr")
+        return self
 
-class ScalingSection(Strict):
+    def peak_lr(self, world_size: int) -> float:
+        if self.recipe == "custom":
+            return self.lr
+        if self.recipe == "paper":
+            return self.blr
+        return self.blr * self.micro_batch_size * self.grad_accum_steps * world_size / 256
+
+
+class WorkersConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="leave CPUs for Ray Data on shared clusters")
     gpus_per_worker: float = 1.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    peak_tflops: float | None = Field(
+        None, gt=0, description="per-device peak for MFU; default: looked up from the GPU's name")
 
 
-class CheckpointConfig(Strict):
+class CheckpointConfig(Section):
     every_n_steps: int | None = Field(None, ge=1)
-    keep: int = Field(2, ge=1, description="best k checkpoints kept, by validation loss")
-    resume_from: str | None = Field(None, description="a checkpoint folder to start from")
+    keep: int = Field(2, ge=1, description="best k checkpoints kept, by held-out loss")
+    resume_from: str | None = Field(None, description="a checkpoint folder to start from (a TRUSTED folder: "
+                                                      "DeepSpeed unpickles its optimizer state)")
     max_failures: int = Field(1, ge=0)
 
 
-class EvalConfig(Strict):
+class SamplesConfig(Section):
+    """Fixed instructions answered at step 0 and every epoch end: the run's before/after."""
+
     instructions: list[str] = [
         "Tell me about alpacas.",
         "Write a short story about a dog who finds a ball.",
         "List three tips for staying healthy.",
     ]
-    max_gen_len: int = 48
-    temperature: float = 0.0
+    sampling: SamplingParams = SamplingParams(max_gen_len=48, temperature=0.0)
 
 
-class TrainConfig(Strict):
+class PreprocessConfig(Section):
+    model: ModelConfig
+    data: DataConfig
+    ray: RaySection = RaySection()
+
+
+class TrainConfig(PreprocessConfig):
     name: str = "adapter-run"
     output_dir: str = "runs"
-    data: DataConfig
-    model: ModelConfig
     optim: OptimConfig = OptimConfig()
-    scaling: ScalingSection = ScalingSection()
+    workers: WorkersConfig = WorkersConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    eval: EvalConfig = EvalConfig()
+    samples: SamplesConfig = SamplesConfig()
     fail_at_step: int | None = Field(None, description="fault injection: a worker dies once at this step")
     stop_at_step: int | None = Field(None, ge=1, description="end early after this step (schedule unchanged)")
-    ray_num_cpus: int | None = Field(None, description="CPUs for a local Ray started by this job")
 
     @model_validator(mode="after")
     def _needs_held_out(self):
@@ -108,45 +116,5 @@ class TrainConfig(Strict):
         return self
 
 
-C = TypeVar("C", bound=BaseModel)
-
-
-def parse_value(text: str):
-    """`--set` values are YAML scalars: 3, 0.5, true, null, [1, 2], or a string."""
-    return yaml.safe_load(text)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {key!r}: {p} is not a section")
-        node[leaf] = parse_value(value)
-    return data
-
-
-def resolve_config_path(name: str) -> Path:
-    """`configs/tiny-cpu.yaml`, `tiny-cpu.yaml` and `tiny-cpu` all name the same preset file."""
-    p = Path(name)
-    for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"config {name!r} not found (looked in . and {CONFIG_DIR})")
-
-
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] = ()) -> C:
-    data = {}
-    if path is not None:
-        data = yaml.safe_load(resolve_config_path(str(path)).read_text()) or {}
-    return cls.model_validate(apply_overrides(data, list(overrides)))
-
-
-def save_config(config: BaseModel, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+def preprocess_part(cfg: TrainConfig) -> PreprocessConfig:
+    return PreprocessConfig(model=cfg.model, data=cfg.data, ray=cfg.ray)

@@ -1,7 +1,10 @@
 """Ray Data job: Alpaca demonstrations -> tokenized, loss-masked parquet shards.
 
-    python -m pipelines.preprocess --data PATH_OR_URL --tokenizer FILE --out DIR
-    ray job submit --working-dir . -- python -m pipelines.preprocess ...
+    python -m pipelines.preprocess --config tiny-cpu [--set data.source=PATH_OR_URL --set data.out=DIR]
+    ray job submit --working-dir . -- python -m pipelines.preprocess --config tiny-cpu
+
+It reads the `model` (tokenizer, context) and `data` sections of a training config, so the data a
+training run uses can be built on its own first.
 
 Each record becomes BOS + prompt + response + EOS (METHOD.md section 4), with the prompt and
 BOS labelled IGNORE_INDEX (-100, not 0, which is <unk>). The prompt and the response are
@@ -9,16 +12,16 @@ tokenized separately: the prompt exactly as the model sees it at inference time,
 as the model should produce it, so the loss mask never straddles a merged piece. Sequences longer
 than max_seq_len are cut at the end; the EOS of a cut response is gone (teaching EOS there would
 teach stopping mid-answer). Nothing is dropped silently: every bad record is counted by reason
-and written with the reason to rejects.jsonl. Output is built in a temporary folder and renamed
-into place, so a half-written output never looks complete.
+and written with the reason to rejects.jsonl. Output is built in a temporary folder and swapped
+into place, so a half-written output never looks complete; stats.json carries a fingerprint of
+everything the records depend on (input and tokenizer hashes, lengths, split), so stale output is
+never reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,10 +32,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from adapter.adapter import IGNORE_INDEX
+from adapter.loader import model_context
 from adapter.prompts import format_prompt
+from adapter.settings import add_config_args, config_from_args, project_path, save_config
 from adapter.tokenizer import Tokenizer
-from pipelines.config import DataConfig
-from pipelines.data_source import fetch, read_raw_records
+from pipelines.config import PreprocessConfig, TrainConfig
+from pipelines.data_source import fetch, read_raw_records, sha256_of
+from pipelines.folders import fresh_tmp, replace_dir
+from pipelines.ray_session import connect
 
 FIELDS = ("instruction", "input", "output")
 OUTPUT_SCHEMA = pa.schema([
@@ -128,36 +135,67 @@ def length_stats(lengths: np.ndarray) -> dict:
             "p99": float(q[3]), "max": int(lengths.max()), "min": int(lengths.min())}
 
 
-def run(cfg: DataConfig, num_blocks: int | None = None) -> dict:
-    """Preprocess into cfg.out; returns the stats written to stats.json."""
+FORMAT_VERSION = 1  # bump when the records written change meaning
+
+
+def fingerprint(cfg: PreprocessConfig, source: Path) -> dict:
+    """Everything the written records depend on; stored in stats.json and checked before reuse."""
+    d = cfg.data
+    return {"format": FORMAT_VERSION, "source_sha256": sha256_of(source),
+            "tokenizer_sha256": sha256_of(Path(project_path(cfg.model.tokenizer))),
+            "max_seq_len": d.max_seq_len, "val_fraction": d.val_fraction, "seed": d.seed, "limit": d.limit}
+
+
+def changed_settings(out: Path, expected: dict) -> list[str] | None:
+    """None when `out` holds no finished output; else the settings it was built with that differ."""
+    stats_path = Path(out) / "stats.json"
+    if not stats_path.is_file():
+        return None
+    try:
+        built = json.loads(stats_path.read_text()).get("fingerprint") or {}
+    except json.JSONDecodeError:
+        return ["stats.json (unreadable)"]
+    return [f"{k}: {built.get(k)!r} -> {v!r}" for k, v in expected.items() if built.get(k) != v]
+
+
+def check_context(cfg: PreprocessConfig) -> None:
+    ctx = model_context(cfg.model)
+    if cfg.data.max_seq_len > ctx:
+        raise ValueError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the model's context of "
+                         f"{ctx} tokens")
+
+
+def run(cfg: PreprocessConfig, num_blocks: int | None = None) -> dict:
+    """Preprocess into cfg.data.out; returns the stats written to stats.json."""
     import ray
     from ray.data.expressions import col
 
     t0 = time.time()
-    source = fetch(cfg.source, cfg.sha256)
+    check_context(cfg)
+    d = cfg.data
+    source = fetch(project_path(d.source), d.sha256)
+    tokenizer = project_path(cfg.model.tokenizer)
     raw = read_raw_records(source)
-    if cfg.limit is not None:
-        raw = raw[: cfg.limit]
+    if d.limit is not None:
+        raw = raw[: d.limit]
     if not raw:
-        raise ValueError(f"{cfg.source}: no records")
+        raise ValueError(f"{d.source}: no records")
     if not ray.is_initialized():
-        ray.init()
+        connect(cfg.ray)
     table = pa.table({"idx": pa.array(range(len(raw)), pa.int64()), "raw": pa.array(raw, pa.string())})
     # One block per slice (no repartition task: on a 1-CPU cluster it would wait forever behind
     # the tokenizer actor holding that CPU).
     blocks = num_blocks or max(1, min(64, len(raw) // 2000))
     step = -(-len(raw) // blocks)
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(raw), step)])
-    val_idx = choose_validation(len(raw), cfg.val_fraction, cfg.seed)
+    val_idx = choose_validation(len(raw), d.val_fraction, d.seed)
     processed = ds.map_batches(
-        TokenizeBatch, fn_constructor_args=(str(Path(cfg.tokenizer).resolve()), cfg.max_seq_len, val_idx),
+        TokenizeBatch, fn_constructor_args=(tokenizer, d.max_seq_len, val_idx),
         batch_format="pyarrow", batch_size=1024, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=8),
     ).materialize()
 
-    out = Path(cfg.out)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out = Path(project_path(d.out))
+    tmp = fresh_tmp(out)
     good_cols = ["idx", "input_ids", "labels", "num_tokens", "num_response_tokens", "truncated"]
     for split in ("train", "val"):
         part = processed.filter(expr=col("split") == split).select_columns(good_cols)
@@ -181,11 +219,11 @@ def run(cfg: DataConfig, num_blocks: int | None = None) -> dict:
     kept = summary.filter(pc.equal(summary.column("reject_reason"), ""))
     lengths = kept.column("num_tokens").to_numpy()
     stats = {
-        "source": cfg.source,
+        "source": d.source,
         "source_file": str(source),
-        "tokenizer": cfg.tokenizer,
-        "max_seq_len": cfg.max_seq_len,
-        "seed": cfg.seed,
+        "tokenizer": tokenizer,
+        "max_seq_len": d.max_seq_len,
+        "seed": d.seed,
         "records_read": len(raw),
         "records_written": kept.num_rows,
         "records_rejected": sum(reasons.values()),
@@ -197,11 +235,14 @@ def run(cfg: DataConfig, num_blocks: int | None = None) -> dict:
         "response_tokens": int(kept.column("num_response_tokens").to_numpy().sum()),
         "token_length": length_stats(lengths),
         "seconds": round(time.time() - t0, 2),
+        "fingerprint": fingerprint(cfg, source),
     }
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if stats["records_written"] + stats["records_rejected"] != stats["records_read"]:
+        raise RuntimeError(f"records lost: {stats['records_read']} read, {stats['records_written']} written, "
+                           f"{stats['records_rejected']} rejected")
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))  # last: marks the output complete
+    replace_dir(tmp, out)
     return stats
 
 
@@ -220,21 +261,17 @@ def read_split(out: Path, split: str) -> pa.Table:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="path or URL of alpaca_data.json (JSON array or JSONL)")
-    ap.add_argument("--sha256", help="expected sha256 of the data file")
-    ap.add_argument("--tokenizer", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--max-seq-len", type=int, default=512)
-    ap.add_argument("--val-fraction", type=float, default=0.02)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N records")
-    a = ap.parse_args(argv)
-    cfg = DataConfig(source=a.data, sha256=a.sha256, tokenizer=a.tokenizer, out=a.out, max_seq_len=a.max_seq_len,
-                     val_fraction=a.val_fraction, seed=a.seed, limit=a.limit)
+    add_config_args(ap, default="tiny-cpu")
+    # A training config holds more sections than this job reads; they are left to the training job.
+    cfg = config_from_args(PreprocessConfig, ap.parse_args(argv),
+                           ignore=set(TrainConfig.model_fields) - set(PreprocessConfig.model_fields))
+    connect(cfg.ray)
+    out = project_path(cfg.data.out)
+    print(f"[preprocess] {cfg.data.source} -> {out}", flush=True)
     stats = run(cfg)
-    print(json.dumps({k: v for k, v in stats.items() if k != "token_length"}, indent=2))
-    print(f"wrote {stats['records_written']} records to {cfg.out} "
-          f"({stats['records_rejected']} rejected, see {Path(cfg.out) / 'rejects.jsonl'})")
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("token_length", "fingerprint")}, indent=2))
+    print(f"[preprocess] wrote {stats['records_written']} records to {out} "
+          f"({stats['records_rejected']} rejected, see {Path(out) / 'rejects.jsonl'})")
     return stats
 
 

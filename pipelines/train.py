@@ -1,11 +1,12 @@
 """Fine-tune a LLaMA-Adapter with Ray Train + DeepSpeed ZeRO-2, from raw JSON to an adapter.
 
-    python -m pipelines.train --config configs/tiny-cpu.yaml [--set optim.epochs=1 ...]
+    python -m pipelines.train --config tiny-cpu [--set optim.epochs=1 ...]
     ray job submit --working-dir . -- python -m pipelines.train --config configs/llama7b-alpaca-8xa100.yaml
 
-Stages: preprocess with Ray Data (skipped when its output is already complete) -> TorchTrainer
-over the parquet shards -> the final adapter folder, the loss curve and before/after samples.
-Everything lands in `<output_dir>/<name>/`; on a multi-node cluster that must be shared storage.
+Stages: preprocess with Ray Data (reused when its output was built from the same input, tokenizer
+and settings) -> TorchTrainer over the parquet shards (the recipe in `train_worker.py`) -> the
+final adapter folder, the loss curve and before/after samples. Everything lands in
+`<output_dir>/<name>/`; on a multi-node cluster that must be shared storage.
 """
 
 from __future__ import annotations
@@ -16,13 +17,49 @@ import shutil
 import time
 from pathlib import Path
 
-from pipelines.config import TrainConfig, load_config, save_config
+from adapter.settings import add_config_args, config_from_args, project_path, save_config
+from pipelines.config import TrainConfig, preprocess_part
+from pipelines.folders import fresh_tmp, replace_dir
 from pipelines.run_report import plot_loss, side_by_side
 
 ADAPTER_DIR = "adapter"
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path):
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Workers do not share the driver's working directory: hand them absolute paths, resolved by
+    the project-root rule (adapter.settings.project_root)."""
+    d, m = cfg.data, cfg.model
+    return cfg.model_copy(update={
+        "output_dir": project_path(cfg.output_dir),
+        "data": d.model_copy(update={"source": project_path(d.source), "out": project_path(d.out)}),
+        "model": m.model_copy(update={"base": project_path(m.base), "tokenizer": project_path(m.tokenizer)}),
+        "checkpoint": cfg.checkpoint.model_copy(update={"resume_from": project_path(cfg.checkpoint.resume_from)}),
+    })
+
+
+def prepare_data(cfg: TrainConfig) -> dict:
+    """The preprocessed data for this config: reused when it was built with the same input file,
+    tokenizer and settings, rebuilt (and the reason printed) otherwise. Returns its stats."""
+    from pipelines import preprocess
+    from pipelines.data_source import fetch
+
+    pp = preprocess_part(cfg)
+    out = Path(cfg.data.out)
+    expected = preprocess.fingerprint(pp, fetch(cfg.data.source, cfg.data.sha256))
+    changed = preprocess.changed_settings(out, expected)
+    if changed == []:
+        print(f"[train] preprocessed data found at {out} (same input and settings); reusing it", flush=True)
+    else:
+        why = f"it was built with other settings ({'; '.join(changed)})" if changed else "none found"
+        print(f"[train] preprocessing {cfg.data.source} -> {out} ({why})", flush=True)
+        stats = preprocess.run(pp)
+        print(f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
+              f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
+              f"{stats['records_rejected']:,} rejected, {stats['seconds']} s", flush=True)
+    return json.loads((out / "stats.json").read_text())
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, data_fingerprint: dict):
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -30,20 +67,21 @@ def build_trainer(cfg: TrainConfig, run_dir: Path):
 
     from pipelines.train_worker import train_loop_per_worker
 
-    s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
+    w = cfg.workers
+    resources = {"CPU": w.cpus_per_worker}
+    if w.use_gpu:
+        resources["GPU"] = w.gpus_per_worker
+    backend = w.backend if w.backend != "auto" else ("nccl" if w.use_gpu else "gloo")
     data_dir = Path(cfg.data.out)
     # Materialized up front: the shards are small (Alpaca: ~27 MB of token ids), and splitting
     # blocks already in the object store spares each worker a cold read pipeline.
     datasets = {split: ray.data.read_parquet(str(data_dir / split)).materialize() for split in ("train", "val")}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
+                           "data_fingerprint": data_fingerprint},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
         # Same rows in the same order on every run: resume depends on it.
@@ -63,57 +101,31 @@ def export_adapter(checkpoint_dir: Path, run_dir: Path, cfg: TrainConfig, summar
     from adapter.adapter_file import ADAPTER_FILENAME, read_metadata
 
     out = run_dir / ADAPTER_DIR
-    tmp = run_dir / (ADAPTER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out)
     shutil.copy2(checkpoint_dir / ADAPTER_FILENAME, tmp / ADAPTER_FILENAME)
     meta = read_metadata(tmp / ADAPTER_FILENAME)
     (tmp / "adapter_config.json").write_text(json.dumps(meta["adapter_config"], indent=2))
     (tmp / "training.json").write_text(json.dumps(
-        {"base": cfg.model.base, "preset": cfg.model.preset, "tokenizer": cfg.data.tokenizer,
+        {"base": cfg.model.base, "preset": cfg.model.preset, "tokenizer": cfg.model.tokenizer,
          "base_shape": meta["base_shape"], "recipe": cfg.optim.recipe, **summary}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Workers do not share the driver's working directory: hand them absolute paths."""
-    def absolute(p: str | None) -> str | None:
-        if p is None or "://" in p:
-            return p
-        return str(Path(p).expanduser().resolve())
-
-    d, m = cfg.data, cfg.model
-    return cfg.model_copy(update={
-        "output_dir": absolute(cfg.output_dir),
-        "data": d.model_copy(update={"source": absolute(d.source), "tokenizer": absolute(d.tokenizer),
-                                     "out": absolute(d.out)}),
-        "model": m.model_copy(update={"base": absolute(m.base)}),
-        "checkpoint": cfg.checkpoint.model_copy(update={"resume_from": absolute(cfg.checkpoint.resume_from)}),
-    })
+    return replace_dir(tmp, out)
 
 
 def run(cfg: TrainConfig) -> dict:
-    import ray
-
-    from pipelines import preprocess
+    from pipelines.progress import TrainingProgress
+    from pipelines.ray_session import connect
 
     t0 = time.time()
     cfg = with_absolute_paths(cfg)
-    run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
+    run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_num_cpus)
-    if preprocess.is_complete(Path(cfg.data.out)):
-        print(f"[train] preprocessed data found at {cfg.data.out}; skipping preprocessing")
-    else:
-        print(f"[train] preprocessing {cfg.data.source} -> {cfg.data.out}")
-        preprocess.run(cfg.data)
-    stats = json.loads((Path(cfg.data.out) / "stats.json").read_text())
+    joined = connect(cfg.ray)
+    print(f"[train] run {cfg.name} -> {run_dir} (Ray: {joined} cluster)", flush=True)
+    stats = prepare_data(cfg)
 
-    result = build_trainer(cfg, run_dir).fit()
+    with TrainingProgress(run_dir / "metrics.jsonl"):
+        result = build_trainer(cfg, run_dir, stats["fingerprint"]).fit()
     if result.error:
         raise result.error
     summary = dict(result.return_value or {})
@@ -135,22 +147,20 @@ def run(cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny-cpu", help="YAML file or preset name in configs/")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set optim.epochs=1 (repeatable)")
-    a = ap.parse_args(argv)
-    cfg = load_config(TrainConfig, a.config, a.overrides)
+    add_config_args(ap, default="tiny-cpu")
+    cfg = config_from_args(TrainConfig, ap.parse_args(argv))
     summary = run(cfg)
     run_dir = Path(summary["run_dir"])
-    print("\nSamples before and after tuning (fixed instructions, greedy):")
+    m = cfg.model
+    print("\nSamples before and after tuning (fixed instructions):")
     print(side_by_side(run_dir))
     print(f"\n[train] done in {summary['wall_s']} s; {summary['base_note']}")
     print(f"  adapter:     {summary['adapter']}")
     print(f"  metrics:     {summary['metrics']}  (TensorBoard: {summary['tensorboard']})")
     print(f"  loss curve:  {summary['loss_plot']}")
     print(f"  samples:     {summary['samples']}")
-    print(f"  try it:      python -m adapter.generate --base {cfg.model.base} --tokenizer {cfg.data.tokenizer} "
-          f"--adapter {summary['adapter']} --instruction 'Tell me about alpacas.'")
+    print(f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
+          f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'")
     return summary
 
 

@@ -1,12 +1,16 @@
-"""The per-worker training loop that Ray Train runs on every worker (METHOD.md section 5).
+"""The training recipe Ray Train runs on every worker (METHOD.md section 5), in named stages as
+torchtune's recipes are: `setup` -> `resume` -> `train_epoch` (each step: `train_step`, then
+`validate` / `sample` / `save` where due) -> summary.
 
-Each worker: loads the frozen base, builds the adaption prompts, wraps them in a DeepSpeed ZeRO-2
-engine with AdamW over the adapter parameters only, reads its shard of the tokenized data from
-Ray Data, and trains. Rank 0 writes metrics, TensorBoard events and per-epoch samples.
+Each worker loads the frozen base (`adapter.loader.load_model`), builds the adaption prompts, and
+hands DeepSpeed ZeRO-2 only the prompts module: the frozen base never enters DeepSpeed, so it is
+neither broadcast nor bucketed. AdamW runs over the adapter parameters only. Rank 0 writes
+metrics (buffered, flushed every few seconds), TensorBoard events and per-epoch samples.
 
-Checkpoints hold DeepSpeed's state from every rank (each rank's ZeRO optimizer partition; the
-frozen base is excluded), the adapter as safetensors, and `trainer_state.json` with the step:
-the data position follows from the step, because the batch order depends only on (seed, epoch).
+Checkpoints hold DeepSpeed's state from every rank (each rank's ZeRO optimizer partition, with a
+manifest of sizes and hashes), the adapter as safetensors, and `trainer_state.json` with the step
+and the settings that fix the data order and the learning-rate schedule: a resume with other
+settings is refused by name, because the batch order depends only on (seed, epoch) and the step.
 """
 
 from __future__ import annotations
@@ -17,24 +21,25 @@ import math
 import os
 import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from adapter.adapter import AdaptedLlama, AdapterConfig, AdaptionPrompts
-from adapter.adapter_file import ADAPTER_FILENAME, load_adapter, save_adapter
-from adapter.checkpoint import load_base
-from adapter.config import preset
-from adapter.generation import SamplingParams, generate, prefixes_for
-from adapter.model import Transformer
+from adapter.adapter import AdaptedLlama, AdaptionPrompts
+from adapter.adapter_file import ADAPTER_FILENAME, AdapterFileError, load_adapter, save_adapter
+from adapter.flops import peak_flops_per_device, training_flops_per_token
+from adapter.generation import generate, prefixes_for
+from adapter.loader import load_model
 from adapter.prompts import format_prompt
-from adapter.tokenizer import Tokenizer
 from pipelines.batching import collate, epoch_order
-from pipelines.config import TrainConfig
+from pipelines.config import SamplesConfig, TrainConfig
 
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
+METRICS_FLUSH_S = 2.0  # rank 0 writes metrics at most this often (shared storage, host syncs)
 
 
 class CheckpointError(RuntimeError):
@@ -49,38 +54,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def peak_lr(cfg: TrainConfig, world_size: int) -> float:
+def deepspeed_config(cfg: TrainConfig, world_size: int, n_trainable: int) -> dict:
     o = cfg.optim
-    if o.recipe == "paper":
-        return 9e-3
-    if o.recipe == "custom":
-        if o.lr is None:
-            raise ValueError("optim.recipe 'custom' needs optim.lr")
-        return o.lr
-    return o.blr * o.micro_batch_size * o.grad_accum_steps * world_size / 256
-
-
-def base_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 frozen weights on GPU (the adapter and its optimizer stay fp32), fp32 on CPU."""
-    if cfg.model.dtype != "auto":
-        return getattr(torch, cfg.model.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def build_base(cfg: TrainConfig, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, str]:
-    m = cfg.model
-    if m.base and Path(m.base).exists():
-        return load_base(m.base, dtype=dtype, device=device), f"pretrained base from {m.base}"
-    if m.preset:
-        torch.manual_seed(1234)
-        base = Transformer(preset(m.preset)).to(device=device, dtype=dtype).requires_grad_(False).eval()
-        why = f"base {m.base} not found; " if m.base else ""
-        return base, f"RANDOM-INITIALISED base of preset {m.preset!r} ({why}a last resort: outputs are noise)"
-    raise FileNotFoundError(f"model.base {m.base} not found and no model.preset fallback given")
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    o = cfg.optim
+    # ZeRO-2's default buckets hold 5e8 elements (2 GB fp32 per backward); the adapter has ~1.2M.
+    bucket = max(n_trainable, 1 << 16)
     return {
         "train_batch_size": o.micro_batch_size * o.grad_accum_steps * world_size,
         "train_micro_batch_size_per_gpu": o.micro_batch_size,
@@ -88,7 +65,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "gradient_clipping": o.grad_clip,
         # Precision is ours: frozen weights already bf16 on GPU, adapter fp32. DeepSpeed's bf16
         # mode would cast the adapter to bf16 too.
-        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False},
+        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
+                              "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -111,85 +89,148 @@ def read_shard(name: str) -> dict[str, np.ndarray | list]:
             "labels": [labels[i] for i in order]}
 
 
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 over every tensor of a module: proof that frozen weights stayed bit-for-bit equal."""
+def state_digest(module: torch.nn.Module, sample: int = 4096) -> str:
+    """sha256 over an evenly strided sample of every tensor (all of a small one): proof that frozen
+    weights stayed bit-for-bit equal, without copying a 13 GB base to the host. Training that
+    touched a weight would change most of its elements, so a sample sees it."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // sample)][:sample]
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(picked.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-    return t.tolist()
+    return t
 
 
-@torch.no_grad()
-def evaluate(model: AdaptedLlama, val: dict, micro_batch: int, device) -> float:
-    loss_sum, n_sum = 0.0, 0
-    model.eval()
-    for i in range(0, len(val["input_ids"]), micro_batch):
-        ids, lab = collate(val["input_ids"][i:i + micro_batch], val["labels"][i:i + micro_batch])
-        loss, n = model.loss(ids.to(device), lab.to(device))
-        loss_sum += loss.item() * n
-        n_sum += n
-    model.train()
-    total_loss, total_n = all_reduce_sum([loss_sum, n_sum], device)
-    return total_loss / total_n if total_n else float("nan")
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-@torch.no_grad()
-def sample_responses(model: AdaptedLlama, tok: Tokenizer, cfg: TrainConfig) -> list[dict]:
-    e = cfg.eval
-    prompts = [tok.encode(format_prompt(instr)) for instr in e.instructions]
-    pre = prefixes_for(model.base, model.adapter)
-    outs = generate(model.base, prompts, SamplingParams(e.max_gen_len, temperature=e.temperature), tok.eos_id,
-                    adapters=[pre] * len(prompts), generator=torch.Generator(device=model.base.output.weight.device).manual_seed(0))
-    return [{"instruction": i, "response": tok.decode(o)} for i, o in zip(e.instructions, outs)]
+def write_manifest(folder: Path, rank: int) -> None:
+    """Sizes and hashes of the DeepSpeed files this rank wrote: a truncated shard is caught before
+    DeepSpeed tries to unpickle it."""
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / f"manifest-rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}))
 
 
-def checkpoint_is_complete(folder: Path, world_size: int) -> dict:
-    """Check a checkpoint before resuming from it; return its trainer state."""
+def read_trainer_state(folder: Path, settings: dict) -> dict:
+    """Check a checkpoint before resuming from it; return its trainer state. Every way it can be
+    unusable (incomplete, corrupt, truncated, saved with other settings) is refused by name."""
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{folder}: no {STATE_FILE}; not a finished checkpoint of this trainer")
-    state = json.loads(state_path.read_text())
-    if state.get("world_size") != world_size:
-        raise CheckpointError(f"{folder}: saved by {state.get('world_size')} workers; this run has {world_size} "
-                              "(ZeRO optimizer partitions are per rank)")
-    tag_dir = folder / DS_DIR / state["ds_tag"]
-    shards = list(tag_dir.glob("*optim_states.pt"))
-    if len(shards) != world_size:
-        raise CheckpointError(f"{folder}: {len(shards)} of {world_size} ZeRO optimizer shards present in {tag_dir}")
+    try:
+        state = json.loads(state_path.read_text())
+        step, tag, saved = int(state["step"]), str(state["ds_tag"]), dict(state["settings"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_path} is corrupt (not JSON: {e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state_path} is corrupt (missing or bad field {e})") from None
+    if saved.get("world_size") != settings["world_size"]:
+        raise CheckpointError(f"{folder}: saved by {saved.get('world_size')} workers; this run has "
+                              f"{settings['world_size']} (ZeRO optimizer partitions are per rank)")
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{folder}: saved with other settings, so the data position and learning rate "
+                              f"would be wrong ({'; '.join(changed)}); resume with the same settings or start "
+                              "a new run (--set name=NEW)")
+    ds_dir = folder / DS_DIR
+    manifests = sorted(ds_dir.glob("manifest-rank*.json"))
+    if len(manifests) != settings["world_size"]:
+        raise CheckpointError(f"{folder}: {len(manifests)} of {settings['world_size']} ranks' DeepSpeed manifests "
+                              f"present in {ds_dir}")
+    for m in manifests:
+        try:
+            files = json.loads(m.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            raise CheckpointError(f"{m} is corrupt") from None
+        for rel, want in files.items():
+            p = ds_dir / rel
+            if not p.is_file():
+                raise CheckpointError(f"{folder}: {rel} is missing")
+            if p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
+                raise CheckpointError(f"{folder}: {rel} is truncated or corrupt ({p.stat().st_size} bytes, "
+                                      f"{want['bytes']} written)")
+    if not (ds_dir / tag).is_dir():
+        raise CheckpointError(f"{folder}: no DeepSpeed state for tag {tag}")
     if not (folder / ADAPTER_FILENAME).is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_FILENAME}")
     return state
 
 
-class RankZeroLog:
-    """metrics.jsonl, TensorBoard events and samples.jsonl, written by rank 0 only."""
+class FaultInjector:
+    """`fail_at_step`: the last worker exits once at that step (a marker file makes it once per run)."""
+
+    def __init__(self, at_step: int | None, marker: Path, is_victim: bool):
+        self.at_step, self.marker, self.armed = at_step, marker, is_victim and at_step is not None
+
+    def maybe_fail(self, step: int) -> None:
+        if self.armed and step == self.at_step and not self.marker.exists():
+            self.marker.write_text(f"worker killed at step {step}\n")
+            print(f"[train] fault injection: a worker exits at step {step}", flush=True)
+            os._exit(1)
+
+
+class StageTimer:
+    """Seconds spent per named stage, summed over the run."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+class MetricsLog:
+    """metrics.jsonl, TensorBoard events and samples.jsonl, written by rank 0 only. Rows may hold
+    device tensors; they are read (one host sync) and written when flushed."""
 
     def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.run_dir = run_dir
+        self.enabled, self.run_dir = enabled, run_dir
+        self.pending: list[dict] = []
+        self.last_flush = time.monotonic()
         self.tb = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def metrics(self, row: dict) -> None:
+    def add(self, row: dict, flush: bool = False) -> None:
         if not self.enabled:
             return
+        self.pending.append(row)
+        if flush or time.monotonic() - self.last_flush >= METRICS_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self.pending:
+            return
+        rows = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in self.pending]
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                self.tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, row["step"])
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                for k, v in row.items():
+                    if row["kind"] in ("train", "val") and isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                        self.tb.add_scalar(f"{row.get('kind', 'train')}/{k}", v, row["step"])
         self.tb.flush()
+        self.pending, self.last_flush = [], time.monotonic()
 
     def samples(self, step: int, epoch: float, rows: list[dict]) -> None:
         if not self.enabled:
@@ -199,145 +240,213 @@ class RankZeroLog:
                 f.write(json.dumps({"step": step, "epoch": epoch, **r}) + "\n")
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    import deepspeed
-    import ray.train
-    import ray.train.torch
+class AdapterRecipe:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, data_fingerprint: dict):
+        self.cfg, self.run_dir, self.data_fingerprint = cfg, run_dir, data_fingerprint
+        self.timer = StageTimer()
+        self.step = 0
+        self.val_loss: float | None = None
 
-    cfg = TrainConfig.model_validate(config["train"])
-    timings = {"start": time.perf_counter()}
-    run_dir = Path(config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    log = RankZeroLog(run_dir, rank == 0)
-    o = cfg.optim
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import deepspeed
+        import ray.train
+        import ray.train.torch
 
-    dtype = base_dtype(cfg, device)
-    base, base_note = build_base(cfg, dtype, device)
-    tok = Tokenizer(cfg.data.tokenizer)
-    torch.manual_seed(o.seed)  # identical initial prompts on every rank
-    prompts = AdaptionPrompts(base.args, AdapterConfig(cfg.model.adapter_len, cfg.model.adapter_layers), device=device)
-    model = AdaptedLlama(base, prompts)
+        cfg, o = self.cfg, self.cfg.optim
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.log = MetricsLog(self.run_dir, self.rank == 0)
+        self.fault = FaultInjector(cfg.fail_at_step, self.run_dir / ".fault_injected", self.rank == self.world - 1)
+        with self.timer("load_model"):
+            loaded = load_model(cfg.model, device=self.device)
+        self.base, self.tok, self.base_note = loaded.base, loaded.tokenizer, loaded.note
+        torch.manual_seed(o.seed)  # identical initial prompts on every rank
+        self.prompts = AdaptionPrompts(self.base.args, cfg.model.adapter, device=self.device)
+        self.model = AdaptedLlama(self.base, self.prompts)
+        with self.timer("read_data"):
+            self.train, self.val = read_shard("train"), read_shard("val")
+        self.lengths = np.array([len(x) for x in self.train["input_ids"]])
+        self.steps_per_epoch = len(self.lengths) // o.micro_batch_size // o.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"worker {self.rank} has {len(self.lengths)} training records: not one step of "
+                             f"{o.micro_batch_size} x {o.grad_accum_steps}")
+        self.total_steps = int(round(o.epochs * self.steps_per_epoch))
+        self.stop_at = min(self.total_steps, cfg.stop_at_step or self.total_steps)
+        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self.lr = o.peak_lr(self.world)
+        opt = torch.optim.AdamW(self.prompts.parameters(), lr=self.lr, betas=tuple(o.betas),
+                                weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, self.total_steps, warmup, self.lr, o.min_lr) / self.lr)
+        n_trainable = sum(p.numel() for p in self.prompts.parameters())
+        with self.timer("deepspeed_init"):
+            # Only the adapter goes in: DeepSpeed would otherwise broadcast the frozen base.
+            self.engine, _, _, self.sched = deepspeed.initialize(
+                model=self.prompts, optimizer=opt, lr_scheduler=sched,
+                config=deepspeed_config(cfg, self.world, n_trainable), dist_init_required=False)
+        # The settings a checkpoint must share with the run that resumes from it.
+        self.settings = {
+            "world_size": self.world, "micro_batch_size": o.micro_batch_size, "grad_accum_steps": o.grad_accum_steps,
+            "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "seed": o.seed, "group_by_length": o.group_by_length,
+            "peak_lr": self.lr, "min_lr": o.min_lr, "adapter": cfg.model.adapter.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
+        }
+        peak = cfg.workers.peak_tflops * 1e12 if cfg.workers.peak_tflops else (
+            peak_flops_per_device(torch.cuda.get_device_name(self.device), self.base.tok_embeddings.weight.dtype)
+            if self.device.type == "cuda" else None)
+        self.peak_flops = peak * self.world if peak else None
+        self.n_adapted = cfg.model.adapter.layers_for(self.base.args)
 
-    timings["model_ready"] = time.perf_counter()
-    train = read_shard("train")
-    timings["train_read"] = time.perf_counter()
-    val = read_shard("val")
-    timings["data_ready"] = time.perf_counter()
-    lengths = np.array([len(x) for x in train["input_ids"]])
-    micro_per_epoch = len(lengths) // o.micro_batch_size
-    steps_per_epoch = micro_per_epoch // o.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"worker {rank} has {len(lengths)} training records: not one step of "
-                         f"{o.micro_batch_size} x {o.grad_accum_steps}")
-    total_steps = int(round(o.epochs * steps_per_epoch))
-    warmup_steps = int(round(o.warmup_epochs * steps_per_epoch))
-    lr = peak_lr(cfg, world)
+    # --- resume ---------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """A restart after a failure gets Ray's latest checkpoint; a new run may name one."""
+        import ray.train
 
-    opt = torch.optim.AdamW(prompts.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_at(s, total_steps, warmup_steps, lr, o.min_lr) / lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world), dist_init_required=False)
-    timings["engine_ready"] = time.perf_counter()
+        from adapter.settings import project_path
 
-    step = 0
-    # A restart after a failure gets Ray's latest checkpoint; a new run may name one to start from.
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg.checkpoint.resume_from:
-        ckpt = ray.train.Checkpoint(cfg.checkpoint.resume_from)
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = checkpoint_is_complete(Path(d), world)
-            engine.load_checkpoint(str(Path(d) / DS_DIR), tag=state["ds_tag"], load_module_strict=False,
-                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-            saved = load_adapter(Path(d), base.args, device=device)
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self.cfg.checkpoint.resume_from:
+            ckpt = ray.train.Checkpoint(project_path(self.cfg.checkpoint.resume_from))
+        if ckpt is None:
+            return
+        with self.timer("resume"), ckpt.as_directory() as d:
+            state = read_trainer_state(Path(d), self.settings)
+            self.engine.load_checkpoint(str(Path(d) / DS_DIR), tag=state["ds_tag"], load_module_strict=True,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            try:
+                saved = load_adapter(Path(d), self.base.args, device=self.device)
+            except AdapterFileError as e:
+                raise CheckpointError(str(e)) from None
             with torch.no_grad():
-                prompts.prompt.copy_(saved.prompt)
-                prompts.gate.copy_(saved.gate)
-            step = state["step"]
-    base_digest_start = state_digest(base)
-    if step == 0:
-        val_loss = evaluate(model, val, o.micro_batch_size, device)
-        log.metrics({"kind": "val", "step": 0, "epoch": 0.0, "val_loss": val_loss})
-    if rank == 0:
-        print(f"[train] {base_note}; {world} workers, {len(lengths)} records on rank 0, {steps_per_epoch} "
-              f"steps/epoch, {total_steps} steps, peak lr {lr:.3g} (recipe {o.recipe})"
-              + (f", resumed at step {step}" if step else ""), flush=True)
-        if step == 0:
-            log.samples(0, 0.0, sample_responses(model, tok, cfg))
+                self.prompts.prompt.copy_(saved.prompt)
+                self.prompts.gate.copy_(saved.gate)
+            self.step = int(state["step"])
 
-    stop_at = min(total_steps, cfg.stop_at_step or total_steps)
-    fault_marker = run_dir / ".fault_injected"
+    # --- stages ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        with self.timer("validate"):
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            mb = self.cfg.optim.micro_batch_size
+            for i in range(0, len(self.val["input_ids"]), mb):
+                ids, lab = collate(self.val["input_ids"][i:i + mb], self.val["labels"][i:i + mb])
+                loss, n = self.model.loss(ids.to(self.device), lab.to(self.device))
+                sums += torch.stack([loss.double() * n, n.double()])
+            total_loss, total_n = all_reduce_sum(sums).tolist()
+            self.val_loss = total_loss / total_n if total_n else float("nan")
+        self.log.add({"kind": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                      "val_loss": self.val_loss}, flush=True)
+        return self.val_loss
 
-    checkpoint_s = 0.0
+    @torch.no_grad()
+    def sample(self) -> None:
+        """Rank 0 answers the fixed instructions (greedy by default): the run's before/after."""
+        if self.rank != 0:
+            return
+        s: SamplesConfig = self.cfg.samples
+        with self.timer("sample"):
+            prompts = [self.tok.encode(format_prompt(i)) for i in s.instructions]
+            pre = prefixes_for(self.base, self.prompts)
+            outs = generate(self.base, prompts, s.sampling, self.tok.eos_id, adapters=[pre] * len(prompts),
+                            generator=torch.Generator(device=self.device).manual_seed(0))
+        self.log.samples(self.step, self.step / self.steps_per_epoch,
+                         [{"instruction": i, "response": self.tok.decode(o)} for i, o in zip(s.instructions, outs)])
 
-    def save_and_report(metrics: dict) -> None:
-        nonlocal checkpoint_s
-        t_save = time.perf_counter()
-        val_loss = evaluate(model, val, o.micro_batch_size, device)
-        metrics = {**metrics, "val_loss": val_loss, "step": step}
-        log.metrics({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss})
-        with tempfile.TemporaryDirectory() as tmp:
-            tag = f"step{step:08d}"
-            engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag=tag, exclude_frozen_parameters=True,
-                                   save_latest=False)
-            if rank == 0:
-                save_adapter(prompts, base.args, Path(tmp), extra={"step": step})
+    def save(self, metrics: dict) -> None:
+        import ray.train
+
+        val_loss = self.validate()
+        with self.timer("checkpoint"), tempfile.TemporaryDirectory() as tmp:
+            tag = f"step{self.step:08d}"
+            ds_dir = Path(tmp) / DS_DIR
+            self.engine.save_checkpoint(str(ds_dir), tag=tag, save_latest=False)
+            write_manifest(ds_dir, self.rank)
+            if self.rank == 0:
+                save_adapter(self.prompts, self.base.args, Path(tmp), extra={"step": self.step})
                 # Written last: its presence marks a complete checkpoint.
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    {"step": step, "ds_tag": tag, "world_size": world, "steps_per_epoch": steps_per_epoch,
-                     "total_steps": total_steps, "val_loss": val_loss, "seed": o.seed}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        checkpoint_s += time.perf_counter() - t_save
+                    {"step": self.step, "ds_tag": tag, "val_loss": val_loss, "settings": self.settings}))
+            ray.train.report({**metrics, "val_loss": val_loss, "step": self.step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    engine.train()
-    timings["loop_start"] = time.perf_counter()
-    while step < stop_at:
-        epoch = step // steps_per_epoch
-        batches = epoch_order(lengths, o.micro_batch_size, o.seed, epoch, o.group_by_length)
-        first_micro = (step % steps_per_epoch) * o.grad_accum_steps
-        batches = batches[first_micro: steps_per_epoch * o.grad_accum_steps]
+    def train_step(self, micro_batches: list[np.ndarray]) -> dict:
+        """One optimizer step over grad_accum micro-batches. Nothing here reads a device value:
+        the row's tensors are read when the log flushes."""
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss x n, labelled, real tokens
+        padded, flops = 0, 0.0
+        for rows in micro_batches:
+            ids, lab = collate([self.train["input_ids"][i] for i in rows], [self.train["labels"][i] for i in rows])
+            loss, n = self.model.loss(ids.to(self.device), lab.to(self.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            real = int(self.lengths[rows].sum())
+            sums += torch.stack([loss.detach().double() * n, n.double(),
+                                 torch.tensor(real, dtype=torch.float64, device=self.device)])
+            padded += ids.numel()
+            # Logits at about half the positions (response tokens only): counted as half.
+            flops += ids.numel() * training_flops_per_token(self.base.args, self.n_adapted,
+                                                            self.cfg.model.adapter.adapter_len, ids.shape[1], 0.5)
+        self.step += 1
+        loss_sum, n_lab, n_tok = all_reduce_sum(sums)
+        dt = time.perf_counter() - t0
+        flops_all = flops * self.world  # every rank does about the same work (length-grouped batches)
+        return {"kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                "loss": loss_sum / n_lab.clamp(min=1), "lr": self.sched.get_last_lr()[0],
+                "grad_norm": self.engine.get_global_grad_norm(), "tokens_per_s": n_tok / dt,
+                "padded_tokens": padded * self.world, "step_time_s": dt, "tflops": flops_all / dt / 1e12,
+                "mfu": flops_all / dt / self.peak_flops if self.peak_flops else None,
+                "gate_abs_mean": self.prompts.gate.detach().abs().mean()}
+
+    def train_epoch(self) -> None:
+        o, cfg = self.cfg.optim, self.cfg
+        epoch = self.step // self.steps_per_epoch
+        batches = epoch_order(self.lengths, o.micro_batch_size, o.seed, epoch, o.group_by_length)
+        first = (self.step % self.steps_per_epoch) * o.grad_accum_steps
+        batches = batches[first: self.steps_per_epoch * o.grad_accum_steps]
         for k in range(0, len(batches), o.grad_accum_steps):
-            if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == world - 1 \
-                    and not fault_marker.exists():
-                fault_marker.write_text(f"worker {rank} killed at step {step}\n")
-                print(f"[train] fault injection: worker {rank} exits at step {step}", flush=True)
-                os._exit(1)
-            t0 = time.perf_counter()
-            loss_sum, n_tok, n_lab = 0.0, 0, 0
-            for rows in batches[k:k + o.grad_accum_steps]:
-                ids, lab = collate([train["input_ids"][i] for i in rows], [train["labels"][i] for i in rows])
-                loss, n = engine.module.loss(ids.to(device), lab.to(device))
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.item() * n
-                n_lab += n
-                n_tok += int(sum(len(train["input_ids"][i]) for i in rows))
-            step += 1
-            loss_sum, n_lab, n_tok = all_reduce_sum([loss_sum, n_lab, n_tok], device)
-            dt = time.perf_counter() - t0
-            row = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss_sum / max(n_lab, 1),
-                   "lr": sched.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "tokens_per_s": n_tok / dt, "step_time_s": dt, "gate_abs_mean": float(prompts.gate.abs().mean())}
-            log.metrics(row)
-            end_of_epoch = step % steps_per_epoch == 0
-            every_n = cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0
-            if end_of_epoch or every_n or step == stop_at:
-                if end_of_epoch and rank == 0:
-                    log.samples(step, step / steps_per_epoch, sample_responses(model, tok, cfg))
-                save_and_report({"loss": row["loss"], "epoch": row["epoch"]})
-            if step >= stop_at:
-                break
-    end = time.perf_counter()
-    seconds = {"load_model": timings["model_ready"] - timings["start"],
-               "read_train": timings["train_read"] - timings["model_ready"],
-               "read_val": timings["data_ready"] - timings["train_read"],
-               "deepspeed_init": timings["engine_ready"] - timings["data_ready"],
-               "before_loop": timings["loop_start"] - timings["engine_ready"],
-               "loop": end - timings["loop_start"], "of_which_eval_and_checkpoint": checkpoint_s}
-    return {"steps": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-            "base_note": base_note, "peak_lr": lr, "world_size": world,
-            "base_digest_start": base_digest_start, "base_digest_end": state_digest(base),
-            "worker_seconds": {k: round(v, 2) for k, v in seconds.items()}}
+            self.fault.maybe_fail(self.step)
+            with self.timer("train"):
+                row = self.train_step(batches[k:k + o.grad_accum_steps])
+            self.log.add(row)
+            end_of_epoch = self.step % self.steps_per_epoch == 0
+            every_n = cfg.checkpoint.every_n_steps and self.step % cfg.checkpoint.every_n_steps == 0
+            if end_of_epoch or every_n or self.step == self.stop_at:
+                self.log.flush()
+                if end_of_epoch:
+                    self.sample()
+                self.save({"loss": float(row["loss"]), "epoch": row["epoch"]})
+            if self.step >= self.stop_at:
+                return
+
+    def run(self) -> dict:
+        with self.timer("setup"):
+            self.setup()
+        self.resume()
+        digest_start = state_digest(self.base) if self.rank == 0 else None
+        self.log.add({"kind": "start", "step": self.step, "total_steps": self.stop_at,
+                      "steps_per_epoch": self.steps_per_epoch, "world_size": self.world, "peak_lr": self.lr,
+                      "base_note": self.base_note}, flush=True)
+        if self.step == 0:
+            self.validate()
+            self.sample()
+        if self.rank == 0:
+            print(f"[train] {self.base_note}; {self.world} workers, {len(self.lengths)} records on rank 0, "
+                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, peak lr {self.lr:.3g} "
+                  f"(recipe {self.cfg.optim.recipe})" + (f", resumed at step {self.step}" if self.step else ""),
+                  flush=True)
+        self.engine.train()
+        while self.step < self.stop_at:
+            self.train_epoch()
+        self.log.flush()
+        return {"steps": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "base_note": self.base_note, "peak_lr": self.lr, "world_size": self.world,
+                "base_digest_start": digest_start, "base_digest_end": state_digest(self.base) if self.rank == 0 else None,
+                "worker_seconds": {k: round(v, 2) for k, v in self.timer.seconds.items()}}
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    cfg = TrainConfig.model_validate(config["train"])
+    return AdapterRecipe(cfg, Path(config["run_dir"]), config["data_fingerprint"]).run()

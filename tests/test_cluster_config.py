@@ -8,7 +8,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipelines.config import CONFIG_DIR, TrainConfig, load_config
+from adapter.settings import CONFIG_DIR, load_config
+from pipelines.config import TrainConfig
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
@@ -37,8 +38,8 @@ def test_every_job_config_parses(path):
 
 
 def test_overrides_are_typed_and_unknown_keys_refused():
-    cfg = load_config(TrainConfig, "tiny-cpu", ["optim.epochs=0.5", "scaling.num_workers=3"])
-    assert cfg.optim.epochs == 0.5 and cfg.scaling.num_workers == 3
+    cfg = load_config(TrainConfig, "tiny-cpu", ["optim.epochs=0.5", "workers.num_workers=3"])
+    assert cfg.optim.epochs == 0.5 and cfg.workers.num_workers == 3
     with pytest.raises(Exception, match="extra"):
         load_config(TrainConfig, "tiny-cpu", ["optim.epochz=1"])
     with pytest.raises(Exception):

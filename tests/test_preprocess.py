@@ -8,7 +8,7 @@ import pytest
 from adapter.adapter import IGNORE_INDEX
 from adapter.prompts import format_prompt
 from adapter.tokenizer import Tokenizer
-from pipelines.config import DataConfig
+from pipelines.config import DataConfig, PreprocessConfig
 from pipelines.data_source import DataSourceError, sha256_of
 from pipelines.preprocess import read_split, run
 from tests.conftest import shared_file
@@ -16,8 +16,11 @@ from tests.conftest import shared_file
 ALPACA_SHA256 = "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419"
 
 
-def _cfg(source, out, **kw):
-    return DataConfig(source=str(source), tokenizer=str(shared_file("tokenizer.model")), out=str(out), **kw)
+def _cfg(source, out, tokenizer="tokenizer.model", **kw):
+    """The LLaMA tokenizer (32,000 pieces) with a random base of the 7B shape: only its context
+    (2,048) and vocabulary matter to preprocessing; no weights are read."""
+    return PreprocessConfig(model={"preset": "llama-7b", "tokenizer": str(shared_file(tokenizer))},
+                            data=DataConfig(source=str(source), out=str(out), **kw))
 
 
 def _all_rows(out):
@@ -155,3 +158,20 @@ def test_unreadable_sources_are_clear_errors(ray_cluster, tmp_path):
         run(_cfg(broken, tmp_path / "o"))
     with pytest.raises(DataSourceError, match="could not download"):
         run(_cfg((tmp_path / "nope.json").as_uri(), tmp_path / "o"))
+
+
+def test_output_records_what_it_was_built_from_and_stale_output_is_named(first200):
+    from pipelines.preprocess import changed_settings, fingerprint
+
+    src, out, stats = first200
+    cfg = _cfg(src, out, val_fraction=0.1)
+    fp = fingerprint(cfg, src)
+    assert stats["fingerprint"] == fp and changed_settings(out, fp) == []
+    assert fp["source_sha256"] == sha256_of(src) and fp["tokenizer_sha256"] == sha256_of(shared_file("tokenizer.model"))
+    for key, value in [("limit", 50), ("max_seq_len", 128), ("val_fraction", 0.2), ("seed", 3)]:
+        other = fingerprint(_cfg(src, out, **{"val_fraction": 0.1, key: value}), src)
+        assert [c.split(":")[0] for c in changed_settings(out, other)] == [key]
+    other_tok = fingerprint(_cfg(src, out, tokenizer="stories260K/tokenizer.model", val_fraction=0.1), src)
+    assert [c.split(":")[0] for c in changed_settings(out, other_tok)] == ["tokenizer_sha256"]
+    assert changed_settings(out.parent / "nothing-here", fp) is None
+    assert (out / "config.yaml").is_file()  # the resolved config, beside the output

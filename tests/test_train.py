@@ -5,15 +5,18 @@ once must both end in the same adapter (fp32 on CPU, deterministic data order: a
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from adapter.adapter_file import load_adapter
 from adapter.checkpoint import load_base
+from adapter.settings import apply_overrides
 from pipelines.config import TrainConfig
 from pipelines.train import run
-from pipelines.train_worker import lr_at, state_digest
+from pipelines.train_worker import DS_DIR, STATE_FILE, CheckpointError, lr_at, read_trainer_state, state_digest
 from tests.conftest import shared_file
 
 ATOL = 1e-6
@@ -21,24 +24,19 @@ ATOL = 1e-6
 
 def _cfg(tmp, name, **over) -> TrainConfig:
     stories = shared_file("stories260K/params.json").parent
-    data = {"source": str(shared_file("alpaca_data_first200.json")), "tokenizer": str(stories / "tokenizer.model"),
-            "out": str(tmp / "data"), "max_seq_len": 320, "val_fraction": 0.1}
+    data = {"source": str(shared_file("alpaca_data_first200.json")), "out": str(tmp / "data"), "max_seq_len": 320,
+            "val_fraction": 0.1}
     cfg = {
         "name": name, "output_dir": str(tmp / "runs"), "data": data,
-        "model": {"base": str(stories), "adapter_len": 4, "adapter_layers": 3},
+        "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"),
+                  "adapter": {"adapter_len": 4, "adapter_layers": 3}},
         "optim": {"recipe": "custom", "lr": 0.02, "epochs": 1, "warmup_epochs": 0.1, "micro_batch_size": 2,
                   "grad_accum_steps": 2},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
         "checkpoint": {"every_n_steps": 8, "keep": 2},
-        "eval": {"instructions": ["Tell me a story."], "max_gen_len": 8},
+        "samples": {"instructions": ["Tell me a story."], "sampling": {"max_gen_len": 8, "temperature": 0}},
     }
-    for key, value in over.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            cfg[section][leaf] = value
-        else:
-            cfg[section] = value
-    return TrainConfig.model_validate(cfg)
+    return TrainConfig.model_validate(apply_overrides(cfg, over))
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +79,15 @@ def test_training_lowers_loss_keeps_base_frozen_and_moves_gates(reference):
     assert {s["step"] for s in samples} == {0, reference["steps"]}
 
 
-def test_stopped_then_resumed_run_ends_in_the_same_adapter(reference, workdir):
-    first = run(_cfg(workdir, "stopped", stop_at_step=8))
-    assert first["steps"] == 8
-    resumed = run(_cfg(workdir, "resumed", checkpoint__resume_from=first["final_checkpoint"]))
+@pytest.fixture(scope="module")
+def stopped(reference, workdir):
+    """A run that ends at step 8 of 16, with its last checkpoint."""
+    return run(_cfg(workdir, "stopped", stop_at_step=8))
+
+
+def test_stopped_then_resumed_run_ends_in_the_same_adapter(reference, stopped, workdir):
+    assert stopped["steps"] == 8
+    resumed = run(_cfg(workdir, "resumed", **{"checkpoint.resume_from": stopped["final_checkpoint"]}))
     assert resumed["steps"] == reference["steps"]
     a, b = _adapter(reference), _adapter(resumed)
     assert torch.allclose(a.prompt, b.prompt, atol=ATOL) and torch.allclose(a.gate, b.gate, atol=ATOL)
@@ -99,6 +102,69 @@ def test_worker_killed_once_resumes_from_checkpoint_and_finishes(reference, work
     assert torch.allclose(a.prompt, b.prompt, atol=ATOL) and torch.allclose(a.gate, b.gate, atol=ATOL)
 
 
+def test_every_step_logs_throughput_and_utilisation(reference):
+    train = _metrics(reference, "train")
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["padded_tokens"] > 0 for r in train)
+    assert all("mfu" in r for r in train)  # None on CPU (no peak to divide by), a fraction on a GPU
+    # The config's adapter section reached the workers: the exported adapter has K=4 on 3 layers.
+    assert tuple(_adapter(reference).prompt.shape[:2]) == (3, 4)
+
+
+def _state(folder):
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def test_resume_with_other_settings_is_refused_by_name(stopped, workdir):
+    folder = Path(stopped["final_checkpoint"])
+    settings = _state(folder)["settings"]
+    assert read_trainer_state(folder, settings)["step"] == 8
+    for key, value in [("micro_batch_size", 4), ("grad_accum_steps", 1), ("epochs", 2.0), ("seed", 7),
+                       ("data_fingerprint", {**settings["data_fingerprint"], "limit": 50})]:
+        with pytest.raises(CheckpointError, match=f"{key}: "):
+            read_trainer_state(folder, {**settings, key: value})
+    # And end to end: the job itself refuses, naming the field.
+    with pytest.raises(Exception, match="micro_batch_size: 2 -> 4"):
+        run(_cfg(workdir, "changed", **{"checkpoint.resume_from": str(folder), "optim.micro_batch_size": 4,
+                                        "checkpoint.max_failures": 0}))
+
+
+def test_corrupt_or_truncated_checkpoints_are_refused_by_name(stopped, tmp_path):
+    src = Path(stopped["final_checkpoint"])
+    settings = _state(src)["settings"]
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    bad_json = copy("bad_json")
+    (bad_json / STATE_FILE).write_text('{"step": 8, "ds_tag": ')
+    with pytest.raises(CheckpointError, match="trainer_state.json is corrupt"):
+        read_trainer_state(bad_json, settings)
+    no_key = copy("no_key")
+    (no_key / STATE_FILE).write_text(json.dumps({"step": 8}))
+    with pytest.raises(CheckpointError, match="corrupt .*ds_tag"):
+        read_trainer_state(no_key, settings)
+    truncated = copy("truncated")
+    shard = next((truncated / DS_DIR).rglob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="optim_states.pt is truncated or corrupt"):
+        read_trainer_state(truncated, settings)
+
+
+def test_incomplete_or_foreign_checkpoints_are_refused_by_name(tmp_path):
+    settings = {"world_size": 8}
+    with pytest.raises(CheckpointError, match="no trainer_state.json"):
+        read_trainer_state(tmp_path, {"world_size": 2})
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 4, "ds_tag": "step00000004", "settings": settings}))
+    with pytest.raises(CheckpointError, match="saved by 8 workers; this run has 2"):
+        read_trainer_state(tmp_path, {"world_size": 2})
+    (tmp_path / DS_DIR / "step00000004").mkdir(parents=True)
+    (tmp_path / DS_DIR / "manifest-rank0.json").write_text(json.dumps({"rank": 0, "files": {}}))
+    with pytest.raises(CheckpointError, match="1 of 8 ranks' DeepSpeed manifests"):
+        read_trainer_state(tmp_path, settings)
+
+
 def test_lr_schedule_warms_up_then_follows_half_cosine():
     lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -106,15 +172,12 @@ def test_lr_schedule_warms_up_then_follows_half_cosine():
     assert lrs[55] == pytest.approx(0.5, abs=0.02) and lrs[-1] < 0.01
 
 
-def test_incomplete_or_foreign_checkpoints_are_refused_by_name(tmp_path):
-    from pipelines.train_worker import CheckpointError, checkpoint_is_complete
+def test_preprocessed_data_is_rebuilt_when_its_settings_change(reference, workdir, capsys):
+    """Runs last in this module: it rebuilds the shared data folder."""
+    from pipelines.train import prepare_data, with_absolute_paths
 
-    with pytest.raises(CheckpointError, match="no trainer_state.json"):
-        checkpoint_is_complete(tmp_path, 2)
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "ds_tag": "step00000004", "world_size": 8}))
-    with pytest.raises(CheckpointError, match="saved by 8 workers; this run has 2"):
-        checkpoint_is_complete(tmp_path, 2)
-    (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)
-    (tmp_path / "deepspeed" / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="1 of 8 ZeRO optimizer shards"):
-        checkpoint_is_complete(tmp_path, 8)
+    same = prepare_data(with_absolute_paths(_cfg(workdir, "reference")))
+    assert "reusing it" in capsys.readouterr().out
+    stats = prepare_data(with_absolute_paths(_cfg(workdir, "reference", **{"data.limit": 60})))
+    assert "built with other settings (limit: None -> 60)" in capsys.readouterr().out
+    assert stats["records_read"] == 60 < same["records_read"]
