@@ -25,6 +25,8 @@ def connect(section: RaySection) -> str:
         # go to the session's log files (/tmp/ray/session_latest/logs).
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Its one warning says that the progress bars are off, which is what quiet means here.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if ray.is_initialized():
         return "existing"
     common = {"log_to_driver": section.verbose, "logging_level": logging.INFO if section.verbose else logging.WARNING}

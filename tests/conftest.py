@@ -48,3 +48,13 @@ def ray_cluster(tmp_path_factory):
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head_cluster():
+    """A second cluster, started with `ray start --head` as users do, for `ray job submit` and
+    `serve deploy` (shared by their tests: each start costs seconds)."""
+    from tests.ray_head import ray_head
+
+    with ray_head() as cluster:
+        yield cluster
