@@ -36,6 +36,7 @@ from adapter.loader import load_model
 from adapter.prompts import format_prompt
 from pipelines.batching import collate, epoch_order
 from pipelines.config import SamplesConfig, TrainConfig
+from pipelines.data_source import sha256_of
 
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
@@ -109,18 +110,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, rank: int) -> None:
     """Sizes and hashes of the DeepSpeed files this rank wrote: a truncated shard is caught before
     DeepSpeed tries to unpickle it."""
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / f"manifest-rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}))
 
@@ -160,7 +153,7 @@ def read_trainer_state(folder: Path, settings: dict) -> dict:
             p = ds_dir / rel
             if not p.is_file():
                 raise CheckpointError(f"{folder}: {rel} is missing")
-            if p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
+            if p.stat().st_size != want["bytes"] or sha256_of(p) != want["sha256"]:
                 raise CheckpointError(f"{folder}: {rel} is truncated or corrupt ({p.stat().st_size} bytes, "
                                       f"{want['bytes']} written)")
     if not (ds_dir / tag).is_dir():
