@@ -102,8 +102,9 @@ class Engine:
             generator.manual_seed(secrets.randbits(63) if seed is None else seed)
         seq = Sequence(list(prompt), params, prefixes, generator)
         with self.lock:
-            if len(self.waiting) >= self.max_waiting:
-                raise EngineFull(f"{len(self.waiting)} requests are already waiting for a slot")
+            # Free slots count as places too: rows queued together (n > 1) join at the next step.
+            if len(self.waiting) >= self.max_waiting + self.max_running - len(self.running):
+                raise EngineFull(f"{len(self.waiting)} rows are already waiting for a slot")
             self.waiting.append(seq)
         return seq
 

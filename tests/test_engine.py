@@ -131,9 +131,11 @@ def test_admission_refuses_context_overflow_and_a_full_queue(tiny_model):
     with pytest.raises(ContextOverflow, match=f"maximum context length is {ctx} tokens.*{ctx - 10} in the prompt, 11"):
         engine.add([1] * (ctx - 10), SamplingParams(11))
     engine.add([1] * (ctx - 10), SamplingParams(10))  # exactly the context: fine
+    engine.step()  # it runs; two more may wait
     engine.add(PROMPTS[0], GREEDY)
+    engine.add(PROMPTS[1], GREEDY)
     with pytest.raises(EngineFull):
-        engine.add(PROMPTS[1], GREEDY)
+        engine.add(PROMPTS[2], GREEDY)
 
 
 def test_a_row_that_fails_fails_alone(tiny_model, adapters):
@@ -154,3 +156,27 @@ def test_eos_ends_a_row_with_stop(tiny_model):
     seq = engine.add(PROMPTS[0], SamplingParams(20, temperature=0))
     _drain(engine)
     assert (seq.tokens, seq.finish_reason) == ([], "stop")
+
+
+def test_engine_loop_serves_rows_and_health_fails_when_the_loop_dies(tiny_model):
+    import asyncio
+
+    from serve.app import AdapterServer
+    from serve.engine_loop import EngineLoop
+
+    async def scenario():
+        loop = EngineLoop(Engine(tiny_model, eos_id=-1, max_running=2))
+        rows = [loop.submit(p, GREEDY) for p in PROMPTS[:3]]
+        for row in rows:
+            async for _ in loop.updates(row):
+                pass
+        assert [r.tokens for r in rows] == [_alone(tiny_model, p, GREEDY) for p in PROMPTS[:3]]
+        server = type("Replica", (), {"loop": loop})()
+        AdapterServer.func_or_class.check_health(server)  # healthy: no exception
+        loop.task.cancel()
+        await asyncio.sleep(0)
+        assert not loop.alive
+        with pytest.raises(BaseException):
+            AdapterServer.func_or_class.check_health(server)
+
+    asyncio.run(scenario())

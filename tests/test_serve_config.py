@@ -64,12 +64,11 @@ def test_serve_yaml_files_hold_valid_app_args_and_autoscaling_lives_only_there()
     import serve.app
 
     for name in ("config.yaml", "local.yaml"):
-        schema = ServeDeploySchema.parse_obj(yaml.safe_load((ROOT / "serve" / name).read_text()))
-        app = schema.applications[0]
+        raw = yaml.safe_load((ROOT / "serve" / name).read_text())
+        app = ServeDeploySchema.parse_obj(raw).applications[0]
         assert isinstance(serve_config(app.args), ServeConfig)
-        if app.deployments:
-            auto = app.deployments[0].autoscaling_config
-            assert auto is None or auto["max_replicas"] >= auto["min_replicas"]
+        auto = raw["applications"][0]["deployments"][0].get("autoscaling_config")
+        assert auto is None or auto["max_replicas"] >= auto["min_replicas"]
     # The code sets no replica counts of its own (the YAML is the one place).
     cfg = serve.app.AdapterServer._deployment_config
     assert cfg.autoscaling_config is None
@@ -82,3 +81,24 @@ def test_cuda_replicas_request_a_gpu_and_cpu_ones_do_not():
     cpu = deployment_for(serve_config({"model": {**MODEL, "device": "cpu"}}))
     assert gpu.ray_actor_options.get("num_gpus") == 1
     assert not (cpu.ray_actor_options or {}).get("num_gpus")
+
+
+def test_api_key_env_named_but_unset_or_empty_refuses_to_start(monkeypatch):
+    from serve.app import api_key_from_env
+
+    monkeypatch.delenv("SERVE_TEST_KEY", raising=False)
+    named = serve_config({"model": MODEL, "api_key_env": "SERVE_TEST_KEY"})
+    with pytest.raises(RuntimeError, match="SERVE_TEST_KEY.*unset or empty"):
+        api_key_from_env(named)
+    monkeypatch.setenv("SERVE_TEST_KEY", "")
+    with pytest.raises(RuntimeError, match="unset or empty"):
+        api_key_from_env(named)
+    monkeypatch.setenv("SERVE_TEST_KEY", "k3y")
+    assert api_key_from_env(named) == "k3y"
+    assert api_key_from_env(serve_config({"model": MODEL})) is None
+
+
+def test_no_literal_api_key_in_the_shipped_serve_configs():
+    for name in ("config.yaml", "local.yaml"):
+        app = yaml.safe_load((ROOT / "serve" / name).read_text())["applications"][0]
+        assert "env_vars" not in (app.get("runtime_env") or {}), name
