@@ -1,7 +1,8 @@
 """LLaMA-Adapter: adaption prompts on the top L layers with zero-init, per-head gates.
 
 The whole method (METHOD.md sections 2-3) is this file: a (L, K, dim) prompt table and an (L,
-n_heads) gate table. For each adapted layer the prompt goes through that layer's frozen wk / wv
+n_heads) gate table (and, multimodal, section 7: an optional projection whose image token is added
+to every adapted layer's prompt; see adapter/vision.py). For each adapted layer the prompt goes through that layer's frozen wk / wv
 (no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
 start at 0, so an untrained adapter leaves the base model's outputs exactly unchanged.
 """
@@ -49,7 +50,7 @@ class AdaptionPrompts(nn.Module):
     """The trainable part: prompts (L, K, dim) and gates (L, n_heads), for one base shape."""
 
     def __init__(self, args: ModelArgs, config: AdapterConfig = AdapterConfig(),
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, projection: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.n_layers = args.n_layers
@@ -59,6 +60,8 @@ class AdaptionPrompts(nn.Module):
         self.gate = nn.Parameter(torch.zeros(n_adapted, args.n_heads, dtype=dtype, device=device))
         if self.prompt.device.type != "meta":
             nn.init.normal_(self.prompt, std=config.init_std)
+        # Multimodal only: image features -> one (dim,) token per image (adapter/vision.py).
+        self.projection = projection
 
     @property
     def adapted_layers(self) -> range:
@@ -67,16 +70,26 @@ class AdaptionPrompts(nn.Module):
     def activated_gate(self) -> torch.Tensor:
         return torch.tanh(self.gate) if self.config.gate_activation == "tanh" else self.gate
 
-    def prefixes(self, base: Transformer) -> dict[int, PromptKV]:
+    def image_tokens(self, features: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, F) image features -> (B, dim) image tokens; rows where `present` is False get 0 (no image)."""
+        if self.projection is None:
+            raise ValueError("this is a text-only adapter: it has no visual projection and cannot take an image")
+        tokens = self.projection(features.to(self.prompt.dtype))
+        return tokens if present is None else tokens * present[:, None].to(tokens.dtype)
+
+    def prefixes(self, base: Transformer, image_tokens: torch.Tensor | None = None) -> dict[int, PromptKV]:
         """Per adapted layer, the prompt's keys/values through that layer's frozen wk/wv.
 
+        image_tokens: (B, dim) from `image_tokens`, added to every layer's prompt (P_l + repeat(I_p),
+        METHOD.md section 7); the keys/values then have one row per image.
         At generation time call this once per request: the result does not depend on the tokens.
         """
         gates = self.activated_gate()
         out = {}
         for j, i in enumerate(self.adapted_layers):
             attn = base.layers[i].attention
-            k, v = attn.project_kv(self.prompt[j][None].to(attn.wk.weight.dtype))
+            prompt = self.prompt[j][None] if image_tokens is None else self.prompt[j][None] + image_tokens[:, None]
+            k, v = attn.project_kv(prompt.to(attn.wk.weight.dtype))
             out[i] = PromptKV(k=k, v=v, gate=gates[j][None])
         return out
 
@@ -92,21 +105,24 @@ class AdaptedLlama(nn.Module):
         self.adapter = prompts
         base.requires_grad_(False)
 
-    def hidden(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
-        return self.base.hidden(tokens, prefixes=self.adapter.prefixes(self.base),
+    def hidden(self, tokens: torch.Tensor, image_features: torch.Tensor | None = None,
+               image_present: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """image_features: (B, F) from the frozen encoder (multimodal adapters); image_present: (B,) bool."""
+        visual = None if image_features is None else self.adapter.image_tokens(image_features, image_present)
+        return self.base.hidden(tokens, prefixes=self.adapter.prefixes(self.base, visual),
                                 no_grad_below=self.adapter.first_layer, **kw)
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         return self.base.output(self.hidden(tokens, **kw)).float()
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, **images) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over labelled positions, and how many there were (a
         0-d tensor: reading it would stall a GPU step, so callers sum it and read it rarely).
 
         Logits are computed only where the label counts (about half of the real tokens of an
         Alpaca batch and none of its padding): the output projection is a large share of the cost.
         """
-        h = self.hidden(input_ids)[:, :-1]
+        h = self.hidden(input_ids, **images)[:, :-1]
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         logits = self.base.output(h[keep]).float()

@@ -3,6 +3,10 @@
 A file is only ever loaded against a base model: any mismatch (layers, width, heads, prompt
 length) is refused with the names of what differs, and anything that is not a safetensors file
 (a pickle, a truncated download) is refused by name, never unpickled.
+
+A multimodal adapter (METHOD.md section 7) also carries its visual projection (`projection.*`
+tensors) and, in the metadata, the identity of the image encoder it was trained with: loading it
+for another encoder, or loading a text-only file where images are expected, is refused by name.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def save_adapter(prompts: AdaptionPrompts, args: ModelArgs, path: str | Path, ex
     }
     tensors = {"prompt": prompts.prompt.detach().cpu().contiguous(),
                "gate": prompts.gate.detach().cpu().contiguous()}
+    if prompts.projection is not None:
+        proj = prompts.projection
+        meta["vision"] = json.dumps({"encoder": proj.encoder, **proj.shape()})
+        tensors.update({f"projection.{k}": t.detach().cpu().contiguous() for k, t in proj.state_dict().items()})
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
@@ -69,6 +77,9 @@ def read_metadata(path: str | Path) -> dict:
         if not all(isinstance(out[k], dict) for k in ("adapter_config", "base_shape", "extra")):
             raise ValueError("adapter_config, base_shape and extra must be JSON objects")
         out["config"] = AdapterConfig(**out["adapter_config"])
+        out["vision"] = json.loads(meta["vision"]) if "vision" in meta else None
+        if out["vision"] is not None and not isinstance(out["vision"], dict):
+            raise ValueError("vision must be a JSON object")
     except KeyError as e:
         raise AdapterFileError(f"{path}: adapter metadata lacks {e}") from None
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid adapter settings
@@ -77,9 +88,12 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> AdaptionPrompts:
+                 device: str | torch.device = "cpu", encoder: dict | None = None) -> AdaptionPrompts:
+    """encoder: the identity of the image encoder in use (`ImageEncoder.identity`) when the adapter
+    will see images; a text-only file or a file trained with another encoder is then refused."""
     path = _resolve(path)
     meta = read_metadata(path)
+    _check_encoder(path, meta["vision"], encoder)
     expected = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
                 "n_kv_heads": args.kv_heads, "vocab_size": args.vocab_size}
     diffs = [f"{k}: adapter {meta['base_shape'].get(k)} vs base {v}" for k, v in expected.items()
@@ -91,17 +105,53 @@ def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.f
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise AdapterFileError(f"{path}: corrupt adapter file ({e})") from None
-    prompts = AdaptionPrompts(args, config, dtype=dtype, device="meta")
-    for name in ("prompt", "gate"):
-        want = tuple(getattr(prompts, name).shape)
+    prompts = AdaptionPrompts(args, config, dtype=dtype, device="meta", projection=_projection(path, meta, args))
+    expected = prompts.state_dict()
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise AdapterFileError(f"{path}: unexpected tensors {unknown}")
+    for name, t in expected.items():
+        want = tuple(t.shape)
         if name not in tensors:
             raise AdapterFileError(f"{path}: missing tensor {name!r}")
         if tuple(tensors[name].shape) != want:
             raise AdapterFileError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                    f"expected {want} for this base and config {config}")
-    prompts.load_state_dict({k: tensors[k].to(device=device, dtype=dtype) for k in ("prompt", "gate")}, assign=True)
+    # The projection stays fp32 beside fp32 prompts, whatever `dtype` the prompts are asked in.
+    prompts.load_state_dict({k: tensors[k].to(device=device, dtype=dtype if k in ("prompt", "gate") else torch.float32)
+                             for k in expected}, assign=True)
     prompts.requires_grad_(True)
     return prompts
+
+
+def _check_encoder(path: Path, vision: dict | None, encoder: dict | None) -> None:
+    from adapter.vision import describe_encoder, same_encoder
+
+    if encoder is None:
+        return
+    if vision is None:
+        raise AdapterFileError(f"{path}: a text-only adapter (no visual projection); it cannot take images from "
+                               f"encoder {describe_encoder(encoder)}")
+    if not same_encoder(vision.get("encoder") or {}, encoder):
+        raise AdapterFileError(f"{path}: trained with image encoder {describe_encoder(vision.get('encoder') or {})}, "
+                               f"not {describe_encoder(encoder)}")
+
+
+def _projection(path: Path, meta: dict, args: ModelArgs):
+    from adapter.vision import VisualProjection
+
+    vision = meta["vision"]
+    if vision is None:
+        return None
+    try:
+        if vision["dim"] != args.dim:
+            raise AdapterFileError(f"{path}: visual projection outputs width {vision['dim']}, base is {args.dim}")
+        return VisualProjection(int(vision["in_features"]), int(vision["hidden"]), args.dim, vision["encoder"],
+                                device="meta")
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, AdapterFileError):
+            raise
+        raise AdapterFileError(f"{path}: bad vision metadata ({e!r})") from None
 
 
 def import_v1_adapter(path: str | Path, args: ModelArgs, adapter_len: int = 10) -> AdaptionPrompts:
