@@ -223,7 +223,8 @@ def test_bad_request_gets_4xx_with_openai_error(server, what, path, body, status
 
 
 def test_bad_requests_fail_alone_while_valid_neighbours_get_full_replies(server):
-    work = list(zip(["alpha", "beta", "stories260k", "beta"], PROMPTS))
+    # Two adapter_len values, the base, and a prompt near the context (it must not shorten the others).
+    work = list(zip(["alpha", "beta", "stories260k", "beta", "alpha"], PROMPTS + ["word " * 600]))
     solo = [_complete(server, m, p, max_tokens=40).json()["choices"][0]["text"] for m, p in work]
 
     def bad(case):
@@ -238,6 +239,7 @@ def test_bad_requests_fail_alone_while_valid_neighbours_get_full_replies(server)
         texts = [f.result().json()["choices"][0]["text"] for f in good]
     assert bad_codes == [c[3] for c in BAD_REQUESTS]
     assert texts == solo
+    assert all(len(t) > 20 for t in texts[:4]), texts
 
 
 def test_stop_strings_trim_the_text_streamed_or_not(server):
