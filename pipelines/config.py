@@ -12,18 +12,21 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from adapter.generation import SamplingParams
+from adapter.vision import VisionConfig
 from adapter.settings import (CONFIG_DIR, ModelConfig, Section, add_config_args, config_from_args,  # noqa: F401
                               load_config, save_config)
 
 
 class DataConfig(Section):
-    source: str = Field(description="Alpaca JSON / JSONL: a path or an http(s)/file URL")
-    sha256: str | None = Field(None, description="expected sha256 of the source file")
+    source: str = Field(description="JSON (array or lines) / parquet records: a file, a folder, a glob or a "
+                                    "pyarrow URI (s3://...), or an http(s)/file URL of one file")
+    sha256: str | None = Field(None, description="expected sha256 of the source (one file only)")
     out: str = Field(description="folder for parquet shards, stats.json and rejects.jsonl")
     max_seq_len: int = Field(512, ge=8, description="records are cut to this many tokens")
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="use only the first N records (a quick subset)")
+    max_record_bytes: int = Field(1 << 20, ge=1024, description="a longer record (JSON text) is rejected unread")
 
 
 class RaySection(Section):
@@ -92,6 +95,41 @@ class SamplesConfig(Section):
     sampling: SamplingParams = SamplingParams(max_gen_len=48, temperature=0.0)
 
 
+class ScienceQAData(Section):
+    """ScienceQA in its official layout under `data.source`: problems.json, pid_splits.json and
+    images/<split>/<pid>/image.png. Training uses the official train split, held-out loss its val split."""
+
+    images: str | None = Field(None, description="folder holding <split>/<pid>/image.png (default <source>/images)")
+    missing_image: Literal["reject", "text_only"] = Field(
+        "reject", description="a problem whose image file is absent: set aside (reject) or used without it")
+
+
+class CocoData(Section):
+    """COCO Caption: captions_*.json-style annotations and image folders, relative to `data.source`.
+    With a Karpathy split file (dataset_coco.json) its train+restval / val / test splits are used."""
+
+    train_captions: str = "annotations/captions_train2017.json"
+    train_images: str = "train2017"
+    val_captions: str = "annotations/captions_val2017.json"
+    val_images: str = "val2017"
+    karpathy_split: str | None = Field(None, description="dataset_coco.json; images then under <source>/<filepath>")
+    instruction: str = "Generate a caption for this image."
+
+
+class EvalConfig(Section):
+    """Batch inference of `pipelines.evaluate_scienceqa` / `pipelines.evaluate_coco` (greedy)."""
+
+    adapter: str | None = Field(None, description="adapter file or folder (default <output_dir>/<name>/adapter)")
+    split: str = Field("test", description="ScienceQA: train / val / test; COCO: val (or Karpathy's val / test)")
+    out: str | None = Field(None, description="results folder (default <output_dir>/<name>/eval-<task>-<split>)")
+    limit: int | None = Field(None, ge=1, description="only the first N problems / images")
+    batch_size: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1, description="model replicas in the Ray Data actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_gen_len: int = Field(24, ge=1)
+
+
 class PreprocessConfig(Section):
     model: ModelConfig
     data: DataConfig
@@ -100,6 +138,12 @@ class PreprocessConfig(Section):
 
 class TrainConfig(PreprocessConfig):
     name: str = "adapter-run"
+    # Multimodal (METHOD.md section 7): which data the job reads, and the frozen image encoder.
+    task: Literal["alpaca", "scienceqa", "coco"] = "alpaca"
+    vision: VisionConfig | None = None
+    scienceqa: ScienceQAData = ScienceQAData()
+    coco: CocoData = CocoData()
+    evaluation: EvalConfig = EvalConfig()
     output_dir: str = "runs"
     optim: OptimConfig = OptimConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -113,6 +157,8 @@ class TrainConfig(PreprocessConfig):
         if self.data.val_fraction <= 0:
             raise ValueError("training needs a held-out split (data.val_fraction > 0): checkpoints are "
                              "ranked by held-out loss")
+        if self.task == "coco" and self.vision is None:
+            raise ValueError("task 'coco' captions images: it needs a `vision` section (the image encoder)")
         return self
 
 

@@ -29,7 +29,12 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Workers do not share the driver's working directory: hand them absolute paths, resolved by
     the project-root rule (adapter.settings.project_root)."""
     d, m = cfg.data, cfg.model
-    return cfg.model_copy(update={
+    multimodal = {}
+    if cfg.vision is not None:
+        multimodal["vision"] = cfg.vision.model_copy(update={"encoder": project_path(cfg.vision.encoder)})
+    if cfg.scienceqa.images:
+        multimodal["scienceqa"] = cfg.scienceqa.model_copy(update={"images": project_path(cfg.scienceqa.images)})
+    return cfg.model_copy(update={**multimodal,
         "output_dir": project_path(cfg.output_dir),
         "data": d.model_copy(update={"source": project_path(d.source), "out": project_path(d.out)}),
         "model": m.model_copy(update={"base": project_path(m.base), "tokenizer": project_path(m.tokenizer)}),
@@ -40,6 +45,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def prepare_data(cfg: TrainConfig) -> dict:
     """The preprocessed data for this config: reused when it was built with the same input file,
     tokenizer and settings, rebuilt (and the reason printed) otherwise. Returns its stats."""
+    if cfg.task != "alpaca":
+        return prepare_multimodal_data(cfg)
     from pipelines import preprocess
     from pipelines.data_source import fetch
 
@@ -56,6 +63,26 @@ def prepare_data(cfg: TrainConfig) -> dict:
         print(f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
               f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
               f"{stats['records_rejected']:,} rejected, {stats['seconds']} s", flush=True)
+    return json.loads((out / "stats.json").read_text())
+
+
+def prepare_multimodal_data(cfg: TrainConfig) -> dict:
+    """ScienceQA / COCO records from their own Ray Data jobs, in the layout the trainer reads."""
+    from pipelines import coco, scienceqa
+    from pipelines.preprocess import changed_settings
+
+    job = {"scienceqa": scienceqa, "coco": coco}[cfg.task]
+    out = Path(cfg.data.out)
+    changed = changed_settings(out, job.fingerprint(cfg))
+    if changed == []:
+        print(f"[train] preprocessed {cfg.task} data found at {out} (same input and settings); reusing it", flush=True)
+    else:
+        why = f"it was built with other settings ({'; '.join(changed)})" if changed else "none found"
+        print(f"[train] preprocessing {cfg.task} {cfg.data.source} -> {out} ({why})", flush=True)
+        stats = job.run(cfg)
+        print(f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
+              f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
+              f"{stats['records_rejected']:,} rejected {stats['rejected_by_reason']}, {stats['seconds']} s", flush=True)
     return json.loads((out / "stats.json").read_text())
 
 

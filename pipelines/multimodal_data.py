@@ -1,0 +1,148 @@
+"""The training-record layout of the multimodal tasks (ScienceQA, COCO Caption), shared by their
+Ray Data jobs (`pipelines/scienceqa.py`, `pipelines/coco.py`).
+
+The output is the layout the training job reads for Alpaca (`<out>/train/*.parquet`,
+`<out>/val/*.parquet` with idx, input_ids, labels, num_tokens, num_response_tokens, truncated;
+`stats.json` with a `fingerprint`, written last, in a folder swapped in whole), plus `image`: the
+original image file's bytes (null when a record has none), checked decodable here so a training
+worker never meets a corrupt one, and `key`: the problem id / image id the record came from.
+Bad records are counted by reason and listed in rejects.jsonl; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from adapter.adapter import IGNORE_INDEX
+from adapter.settings import save_config
+from adapter.vision import ImageError, decode_image
+from pipelines.folders import fresh_tmp, replace_dir
+
+FORMAT_VERSION = 1  # bump when the records written change meaning
+RECORD_COLUMNS = ["idx", "key", "input_ids", "labels", "num_tokens", "num_response_tokens", "truncated", "image"]
+OUTPUT_SCHEMA = pa.schema([
+    ("idx", pa.int64()), ("key", pa.string()), ("split", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("num_tokens", pa.int32()), ("num_response_tokens", pa.int32()), ("truncated", pa.bool_()),
+    ("image", pa.binary()), ("reject_reason", pa.string()), ("reject_detail", pa.string()),
+])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def listing_digest(paths: list[Path]) -> str:
+    """A cheap fingerprint of an image set (names, sizes, mtimes): hashing every byte of 120K COCO
+    images would cost more than preprocessing them."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        else:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def tokenize_pair(tok, prompt: str, response: str, max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """BOS + prompt + response + EOS, the prompt and BOS labelled IGNORE_INDEX; cut at the end."""
+    p, r = tok.encode(prompt, bos=False), tok.encode(response, bos=False)
+    ids = [tok.bos_id] + p + r + [tok.eos_id]
+    labels = [IGNORE_INDEX] * (1 + len(p)) + r + [tok.eos_id]
+    return ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len
+
+
+def read_image(path: str | None) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") for a usable image, else (None, reason, detail)."""
+    if not path:
+        return None, "", ""
+    p = Path(path)
+    if not p.is_file():
+        return None, "image_missing", str(p)
+    data = p.read_bytes()
+    try:
+        decode_image(data)
+    except ImageError as e:
+        return None, "image_corrupt", f"{p}: {e}"
+    return data, "", ""
+
+
+def new_rows(n: int) -> dict[str, list]:
+    return {name: [None] * n for name in OUTPUT_SCHEMA.names}
+
+
+def set_record(rows: dict, i: int, tok, prompt: str, response: str, max_seq_len: int, split: str,
+               image: bytes | None) -> None:
+    """Fill row i with a tokenized record, or a reject when nothing of the response survives the cut."""
+    ids, labels, truncated = tokenize_pair(tok, prompt, response, max_seq_len)
+    n_resp = sum(1 for x in labels if x != IGNORE_INDEX)
+    if n_resp == 0:
+        rows["reject_reason"][i] = "no_response_tokens_after_truncation"
+        rows["reject_detail"][i] = f"prompt alone is over max_seq_len {max_seq_len}"
+        return
+    rows["input_ids"][i], rows["labels"][i] = ids, labels
+    rows["num_tokens"][i], rows["num_response_tokens"][i], rows["truncated"][i] = len(ids), n_resp, truncated
+    rows["split"][i], rows["image"][i], rows["reject_reason"][i] = split, image, ""
+
+
+def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: float) -> dict:
+    """Write the splits, rejects.jsonl and stats.json (last) into a fresh folder swapped in at `out`."""
+    import ray
+    from ray.data.expressions import col
+
+    tmp = fresh_tmp(out)
+    for split in ("train", "val"):
+        (tmp / split).mkdir()  # an empty split folder still tells readers "none"
+        processed.filter(expr=col("split") == split).select_columns(RECORD_COLUMNS).write_parquet(str(tmp / split))
+    summary = pa.concat_tables(ray.get(processed.select_columns(
+        ["idx", "key", "split", "num_tokens", "num_response_tokens", "truncated", "reject_reason",
+         "reject_detail"]).to_arrow_refs())).sort_by("idx")
+    reasons = Counter(r for r in summary.column("reject_reason").to_pylist() if r)
+    with open(tmp / "rejects.jsonl", "w") as f:
+        for r in summary.to_pylist():
+            if r["reject_reason"]:
+                f.write(json.dumps({"index": r["idx"], "key": r["key"], "reason": r["reject_reason"],
+                                    "detail": r["reject_detail"]}) + "\n")
+    kept = [r for r in summary.to_pylist() if not r["reject_reason"]]
+    splits = Counter(r["split"] for r in kept)
+    lengths = np.array([r["num_tokens"] for r in kept])
+    stats = {
+        **extra,
+        "records_read": summary.num_rows,
+        "records_written": len(kept),
+        "records_rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "train_records": splits.get("train", 0),
+        "val_records": splits.get("val", 0),
+        "truncated": sum(1 for r in kept if r["truncated"]),
+        "total_tokens": int(lengths.sum()) if len(lengths) else 0,
+        "response_tokens": sum(r["num_response_tokens"] for r in kept),
+        "token_length_max": int(lengths.max()) if len(lengths) else 0,
+        "seconds": round(time.time() - t0, 2),
+        "fingerprint": fingerprint,
+    }
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))  # last: marks the output complete
+    replace_dir(tmp, out)
+    return stats
+
+
+def from_rows(rows: list[dict], block_size: int = 500):
+    """A Ray dataset of the job's input rows, one block per slice (no repartition task: on a
+    1-CPU cluster it would wait behind the actor holding that CPU, as pipelines/preprocess.py notes)."""
+    import ray
+
+    table = pa.Table.from_pylist(rows)
+    return ray.data.from_arrow([table.slice(i, block_size) for i in range(0, max(1, len(rows)), block_size)])
