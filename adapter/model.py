@@ -111,6 +111,17 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+# torch >= 2.5 attends grouped-query heads itself: no copy of the whole cache per step.
+_NATIVE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def attend(q, k, v, rep: int, mask=None, is_causal: bool = False) -> torch.Tensor:
+    if rep == 1 or not _NATIVE_GQA:
+        return F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask,
+                                              is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -134,14 +145,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)
         rep = self.n_heads // self.n_kv_heads
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep),
-                                             attn_mask=mask, is_causal=mask is None)
+        out = attend(q, k, v, rep, mask, is_causal=mask is None)
         if prefix is not None:
             # Zero-init attention: the prompt gets its own softmax (no mask, no rotary), scaled by
             # the gate, so with gate 0 the layer is exactly the base layer.
-            p = F.scaled_dot_product_attention(
-                q, repeat_kv(prefix.k, rep).type_as(q), repeat_kv(prefix.v, rep).type_as(q),
-                attn_mask=None if prefix.mask is None else prefix.mask[:, None, None, :])
+            p = attend(q, prefix.k.type_as(q), prefix.v.type_as(q), rep,
+                       None if prefix.mask is None else prefix.mask[:, None, None, :])
             out = out + prefix.gate[:, :, None, None].type_as(out) * p
         return self.wo(out.transpose(1, 2).flatten(2))
 
