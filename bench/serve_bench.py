@@ -1,41 +1,222 @@
-"""Suite `serve`: bounded load on loopback against the real Serve app (stories260K base):
-16 concurrent clients, a fixed number of requests; batched vs one-at-a-time, and a mixed
-8-adapter batch vs a single adapter (measured)."""
+"""Suite `serve`: continuous batching against the wave engine it replaced, on the real pretrained
+stories260K base (measured).
+
+Engine level (no HTTP; one process, one torch thread, the same arrivals for every engine; greedy,
+no EOS, so a request makes exactly its max_tokens, mixed 16-256; real Alpaca instructions):
+- closed loop, 16 clients (each sends its next request when its last one finished): tokens/s of
+  one-at-a-time (1 slot), the wave engine (waves of up to 16) and continuous batching (16 slots);
+  and continuous with 8 adapters of two prompt lengths (K 10 and 5) against one adapter;
+- open loop, Poisson arrivals at several rates: time to first token (TTFT) of the short requests
+  (max_tokens <= 32) and of all, wave vs continuous.
+Over HTTP (the real Serve app, 1 replica, 16 closed-loop clients, 32 tokens each): one-at-a-time
+vs batched, 1 adapter vs 8 mixed adapters.
+
+The wave engine lives here only, as the baseline: a wave of up to `max_batch` waiting requests runs
+`adapter.generation.generate` until its longest row ends; requests that arrive meanwhile wait for
+the next wave (after the 20 ms batch window of the old default).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import heapq
 import json
+import random
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import RESULTS, SHARED_DATA, bar_chart, write_result
+import bench.common as common
+from bench.common import SHARED_DATA, write_result
 
+MAX_TOKENS_CHOICES = (16, 32, 64, 128, 256)
+SHORT = 32
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park.", "One day, a bird",
            "Tom had a red ball.", "The sun was hot.", "A cat sat on the mat.", "There was a big tree."]
 
 
-def _adapters(root: Path, args, n: int) -> list[str]:
-    from adapter.adapter import AdapterConfig, AdaptionPrompts
-    from adapter.adapter_file import save_adapter
+@dataclass
+class Req:
+    client: int
+    prompt: list[int]
+    max_tokens: int
+    adapter: int
+    arrival: float = 0.0
+    first: float | None = None
+    done: float | None = None
+    tokens: int = 0
 
-    names = []
+    def __lt__(self, other):  # heap order
+        return self.arrival < other.arrival
+
+
+def _instructions(tok, n: int, seed: int) -> list[list[int]]:
+    from adapter.prompts import format_prompt
+
+    records = json.loads((SHARED_DATA / "alpaca_data_first200.json").read_text())
+    rng = random.Random(seed)
+    rng.shuffle(records)
+    return [tok.encode(format_prompt(r["instruction"], r.get("input", "")), bos=True)[:256] for r in records[:n]]
+
+
+def _requests(prompts, n: int, n_adapters: int, seed: int) -> list[Req]:
+    rng = random.Random(seed)
+    return [Req(i % 16, prompts[i % len(prompts)], rng.choice(MAX_TOKENS_CHOICES), i % n_adapters) for i in range(n)]
+
+
+def _adapter_prefixes(base, n: int, lengths=(10, 5)) -> list[dict]:
+    from adapter.adapter import AdapterConfig, AdaptionPrompts
+
+    out = []
     for i in range(n):
         torch.manual_seed(i)
-        p = AdaptionPrompts(args, AdapterConfig(10, 30))
+        p = AdaptionPrompts(base.args, AdapterConfig(lengths[i % len(lengths)], 30))
         with torch.no_grad():
             p.gate.uniform_(0.05, 0.2)
-        save_adapter(p, args, root / f"a{i}")
-        names.append(f"a{i}")
-    return names
+            out.append(p.prefixes(base))
+    return out
 
 
-def _load(url: str, models: list[str], n_requests: int, clients: int, max_tokens: int) -> dict:
+class Arrivals:
+    """Closed loop (a client's next request arrives when its last one is done) or open loop (fixed times)."""
+
+    def __init__(self, reqs: list[Req], closed: bool):
+        self.closed = closed
+        self.heap: list[Req] = []
+        self.later: dict[int, list[Req]] = {}
+        if closed:
+            for r in reqs:
+                self.later.setdefault(r.client, []).append(r)
+            for c, queue in self.later.items():
+                heapq.heappush(self.heap, queue.pop(0))
+        else:
+            for r in reqs:
+                heapq.heappush(self.heap, r)
+
+    def due(self, now: float) -> list[Req]:
+        out = []
+        while self.heap and self.heap[0].arrival <= now:
+            out.append(heapq.heappop(self.heap))
+        return out
+
+    def finished(self, r: Req, now: float) -> None:
+        if self.closed and self.later.get(r.client):
+            nxt = self.later[r.client].pop(0)
+            nxt.arrival = now
+            heapq.heappush(self.heap, nxt)
+
+    def next_time(self) -> float | None:
+        return self.heap[0].arrival if self.heap else None
+
+
+def _sleep_until(t0: float, t: float | None) -> None:
+    if t is not None:
+        time.sleep(max(0.0, t - (time.perf_counter() - t0)))
+
+
+def run_continuous(base, reqs: list[Req], prefixes: list, slots: int, closed: bool) -> None:
+    from adapter.generation import SamplingParams
+    from serve.engine import Engine
+
+    engine = Engine(base, eos_id=-1, max_running=slots, max_waiting=10_000)
+    arrivals, by_seq, left = Arrivals(reqs, closed), {}, len(reqs)
+    t0 = time.perf_counter()
+    while left:
+        for r in arrivals.due(time.perf_counter() - t0):
+            seq = engine.add(r.prompt, SamplingParams(r.max_tokens, temperature=0), prefixes[r.adapter])
+            by_seq[seq] = r
+        if not engine.has_work():
+            _sleep_until(t0, arrivals.next_time())
+            continue
+        touched = engine.step()
+        now = time.perf_counter() - t0
+        for seq in touched:
+            r = by_seq[seq]
+            if r.first is None and seq.tokens:
+                r.first = now
+            if seq.done and r.done is None:
+                r.done, r.tokens, left = now, len(seq.tokens), left - 1
+                arrivals.finished(r, now)
+
+
+def run_waves(base, reqs: list[Req], prefixes: list, max_batch: int, closed: bool, window_s: float = 0.02) -> None:
+    from adapter.generation import SamplingParams, generate
+
+    arrivals, waiting, left = Arrivals(reqs, closed), [], len(reqs)
+    t0 = time.perf_counter()
+    while left:
+        waiting += arrivals.due(time.perf_counter() - t0)
+        if not waiting:
+            _sleep_until(t0, arrivals.next_time())
+            continue
+        deadline = waiting[0].arrival + window_s  # the old engine waited this long for others to join
+        while len(waiting) < max_batch and time.perf_counter() - t0 < deadline:
+            _sleep_until(t0, min(deadline, arrivals.next_time() or deadline))
+            waiting += arrivals.due(time.perf_counter() - t0)
+        wave, waiting = waiting[:max_batch], waiting[max_batch:]
+
+        def on_token(row: int, token: int, wave=wave) -> None:
+            nonlocal left
+            r, now = wave[row], time.perf_counter() - t0
+            r.first = r.first if r.first is not None else now
+            r.tokens += 1
+            if r.tokens == r.max_tokens:
+                r.done, left = now, left - 1
+                arrivals.finished(r, now)
+
+        generate(base, [r.prompt for r in wave], [SamplingParams(r.max_tokens, temperature=0) for r in wave], -1,
+                 adapters=[prefixes[r.adapter] for r in wave], on_token=on_token)
+
+
+def summarize(reqs: list[Req]) -> dict:
+    start, end = min(r.arrival for r in reqs), max(r.done for r in reqs)
+    tokens = sum(r.tokens for r in reqs)
+    ttft = np.array([r.first - r.arrival for r in reqs])
+    short = np.array([r.first - r.arrival for r in reqs if r.max_tokens <= SHORT])
+    lat = np.array([r.done - r.arrival for r in reqs])
+    return {"requests": len(reqs), "completion_tokens": tokens, "wall_s": end - start, "tokens_per_s": tokens / (end - start),
+            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "short_ttft_p50_s": float(np.percentile(short, 50)), "short_ttft_p99_s": float(np.percentile(short, 99)),
+            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99))}
+
+
+def _fresh(reqs: list[Req]) -> list[Req]:
+    return [Req(r.client, r.prompt, r.max_tokens, r.adapter, r.arrival) for r in reqs]
+
+
+def engine_level(base, tok, n_closed: int, n_open: int, rates: tuple[float, ...]) -> dict:
+    prompts = _instructions(tok, 64, seed=0)
+    adapters = _adapter_prefixes(base, 8)
+    one = [adapters[0]] * 8
+    closed = _requests(prompts, n_closed, 8, seed=1)
+    rows = {}
+    for label, fn, kw, pre in (("one-at-a-time (1 slot)", run_continuous, {"slots": 1}, one),
+                               ("wave engine (16 per wave)", run_waves, {"max_batch": 16}, one),
+                               ("continuous (16 slots)", run_continuous, {"slots": 16}, one),
+                               ("continuous, 8 adapters (K 10 and 5)", run_continuous, {"slots": 16}, adapters)):
+        reqs = _fresh(closed)
+        fn(base, reqs, pre, closed=True, **kw)
+        rows[label] = summarize(reqs)
+    open_loop = {}
+    for rate in rates:
+        rng = np.random.default_rng(int(rate * 1000))
+        arrivals = np.cumsum(rng.exponential(1 / rate, n_open))
+        reqs = _requests(prompts, n_open, 1, seed=2)
+        for r, t in zip(reqs, arrivals):
+            r.arrival = float(t)
+        for label, fn, kw in (("wave", run_waves, {"max_batch": 16}), ("continuous", run_continuous, {"slots": 16})):
+            trial = _fresh(reqs)
+            fn(base, trial, one, closed=False, **kw)
+            open_loop.setdefault(label, {})[str(rate)] = summarize(trial)
+    return {"closed_loop_16_clients": rows, "open_loop_poisson": open_loop}
+
+
+def _http_load(url: str, models: list[str], n_requests: int, clients: int, max_tokens: int) -> dict:
     import httpx
 
     def one(k: int):
@@ -53,21 +234,19 @@ def _load(url: str, models: list[str], n_requests: int, clients: int, max_tokens
     lat = np.array([r[0] for r in results])
     tokens = sum(r[1] for r in results)
     return {"requests": n_requests, "clients": clients, "completion_tokens": tokens, "wall_s": wall,
-            "mean_batch_size_seen_by_requests": float(np.mean([r[2] for r in results])),
+            "mean_max_batch_seen_by_requests": float(np.mean([r[2] for r in results])),
             "tokens_per_s": tokens / wall, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99))}
 
 
-def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wait_ms: float = 50,
-        quick: bool = False) -> dict:
+def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) -> dict:
     import ray
     from ray import serve
 
+    from adapter.adapter import AdapterConfig, AdaptionPrompts
+    from adapter.adapter_file import save_adapter
     from adapter.checkpoint import load_base
     from serve.app import build_app
 
-    if quick:
-        n_requests, max_tokens = 16, 8
-    stories = SHARED_DATA / "stories260K"
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
@@ -77,25 +256,101 @@ def run(n_requests: int = 96, clients: int = 16, max_tokens: int = 32, batch_wai
     url = f"http://127.0.0.1:{port}"
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        names = _adapters(Path(tmp), load_base(stories).args, 8)
-        for label, batch, models in (("one-at-a-time", 1, names[:1]), ("batched, 1 adapter", 16, names[:1]),
-                                     ("batched, 8 adapters mixed", 16, names)):
-            cfg = {"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")}, "adapters": tmp,
-                   "max_batch_size": batch, "max_tokens_limit": 256}
+        args = load_base(stories).args
+        names = []
+        for i in range(8):
+            torch.manual_seed(i)
+            p = AdaptionPrompts(args, AdapterConfig((10, 5)[i % 2], 30))
+            with torch.no_grad():
+                p.gate.uniform_(0.05, 0.2)
+            save_adapter(p, args, Path(tmp) / f"a{i}")
+            names.append(f"a{i}")
+        for label, slots, models in (("one-at-a-time", 1, names[:1]), ("batched, 1 adapter", 16, names[:1]),
+                                     ("batched, 8 adapters mixed (K 10 and 5)", 16, names)):
+            cfg = {"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"), "device": "cpu"},
+                   "adapters": tmp, "max_batch_size": slots, "max_waiting": 64, "max_tokens_limit": 256}
             serve.run(build_app(cfg), name="bench", route_prefix="/")
-            _load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
-            rows[label] = _load(url, models, n_requests, clients, max_tokens)
+            _http_load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
+            rows[label] = _http_load(url, models, n_requests, clients, max_tokens)
             serve.delete("bench")
     serve.shutdown()
+    return rows
+
+
+def _chart(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    closed = result["engine"]["closed_loop_16_clients"]
+    http = result["http"]
+    labels = [f"engine: {k}" for k in closed] + [f"HTTP: {k}" for k in http]
+    values = [r["tokens_per_s"] for r in closed.values()] + [r["tokens_per_s"] for r in http.values()]
+    bars = a.barh(labels, values, color=["#999999", "#e07b39", "#4878a8", "#6aa84f"] + ["#bbbbbb", "#4878a8", "#6aa84f"])
+    a.bar_label(bars, fmt="%.0f")
+    a.invert_yaxis()
+    a.set_xlabel("completion tokens / s")
+    a.set_title("Throughput, 16 closed-loop clients")
+    open_loop = result["engine"]["open_loop_poisson"]
+    for label, color in (("wave", "#e07b39"), ("continuous", "#4878a8")):
+        rates = sorted(open_loop[label], key=float)
+        b.plot([float(r) for r in rates], [open_loop[label][r]["short_ttft_p99_s"] for r in rates], "o-",
+               color=color, label=f"{label}: p99 TTFT, max_tokens <= {SHORT}")
+        b.plot([float(r) for r in rates], [open_loop[label][r]["ttft_p50_s"] for r in rates], "x--",
+               color=color, label=f"{label}: p50 TTFT, all")
+    b.set_yscale("log")
+    b.set_xlabel("Poisson arrivals / s (max_tokens mixed 16-256)")
+    b.set_ylabel("time to first token (s)")
+    b.set_title("Short requests under long ones")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.suptitle("Serving stories260K on a 2-core CPU (measured)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool = False, rates: tuple[float, ...] = (4.0, 8.0, 16.0)) -> dict:
+    from adapter.loader import load_model
+    from adapter.settings import ModelSource
+
+    stories = SHARED_DATA / "stories260K"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
+    try:
+        loaded = load_model(ModelSource(base=str(stories), tokenizer=str(stories / "tokenizer.model"), device="cpu"))
+        n_closed, n_open = (32, 24) if quick else (128, 120)
+        engine = engine_level(loaded.base, loaded.tokenizer, n_closed, n_open, rates[:1] if quick else rates)
+    finally:
+        torch.set_num_threads(threads)
+    http = http_level(stories, 16 if quick else 96, 16, 8 if quick else 32)
+    closed = engine["closed_loop_16_clients"]
+    short = {label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
+             for label, rows in engine["open_loop_poisson"].items()}
     result = {
-        "what": "OpenAI /v1/completions on loopback, greedy, stories260K base, 1 replica (measured)",
-        "settings": {"max_tokens": max_tokens, "max_batch_size": 16},
-        "rows": rows,
-        "batched_vs_one_at_a_time": rows["batched, 1 adapter"]["tokens_per_s"] / rows["one-at-a-time"]["tokens_per_s"],
-        "mixed_vs_single_adapter": rows["batched, 8 adapters mixed"]["tokens_per_s"] / rows["batched, 1 adapter"]["tokens_per_s"],
-        "goals": {"batched_vs_one_at_a_time": ">= 4", "mixed_vs_single_adapter": ">= 0.9"},
+        "what": "continuous batching vs the wave engine, stories260K base, greedy (measured)",
+        "settings": {"engine": {"torch_threads": 1, "slots_or_wave": 16, "max_tokens_mixed": MAX_TOKENS_CHOICES,
+                                "closed_loop_requests": n_closed, "open_loop_requests_per_rate": n_open,
+                                "short_means_max_tokens_at_most": SHORT, "wave_window_s": 0.02},
+                     "http": {"max_tokens": 8 if quick else 32, "clients": 16, "replicas": 1}},
+        "engine": engine,
+        "http": http,
+        "batched_vs_one_at_a_time_engine": closed["continuous (16 slots)"]["tokens_per_s"]
+        / closed["one-at-a-time (1 slot)"]["tokens_per_s"],
+        "batched_vs_one_at_a_time_http": http["batched, 1 adapter"]["tokens_per_s"] / http["one-at-a-time"]["tokens_per_s"],
+        "continuous_vs_wave_tokens_per_s": closed["continuous (16 slots)"]["tokens_per_s"]
+        / closed["wave engine (16 per wave)"]["tokens_per_s"],
+        "short_ttft_p99_wave_over_continuous": {rate: short["wave"][rate] / short["continuous"][rate]
+                                                for rate in short["wave"]},
+        "mixed_vs_single_adapter_engine": closed["continuous, 8 adapters (K 10 and 5)"]["tokens_per_s"]
+        / closed["continuous (16 slots)"]["tokens_per_s"],
+        "mixed_vs_single_adapter_http": http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"]
+        / http["batched, 1 adapter"]["tokens_per_s"],
+        "goals": {"batched_vs_one_at_a_time": ">= 4", "short_ttft_p99_wave_over_continuous": ">= 3",
+                  "mixed_vs_single_adapter": ">= 0.9"},
     }
     path = write_result("serve", result)
-    bar_chart(RESULTS / "serve.png", f"Serving: {clients} clients, {n_requests} requests (measured, 2-core CPU)",
-              list(rows), [r["tokens_per_s"] for r in rows.values()], "completion tokens / s")
+    _chart(common.RESULTS / "serve.png", result)
     return json.loads(path.read_text())
