@@ -34,10 +34,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                    help="hold the base's block linears in int8 or int4 (adapter/quantize.py)")
     a = ap.parse_args(argv)
 
     try:
-        loaded = load_model(ModelSource(base=a.base, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device))
+        loaded = load_model(ModelSource(base=a.base, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device,
+                                        quantize=a.quantize))
     except ValueError as e:
         ap.error(str(e))
     base, tok, device = loaded.base, loaded.tokenizer, loaded.device

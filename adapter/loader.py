@@ -14,6 +14,7 @@ import torch
 from adapter.checkpoint import context_length, load_base
 from adapter.config import preset
 from adapter.model import Transformer, build_on_meta
+from adapter.quantize import quantize_base
 from adapter.settings import ModelSource, project_path
 from adapter.tokenizer import Tokenizer
 
@@ -57,11 +58,14 @@ def load_model(source: ModelSource, device: str | torch.device | None = None) ->
     dtype = pick_dtype(source.dtype, dev)
     tokenizer = Tokenizer(project_path(source.tokenizer))
     base_path = project_path(source.base)
+    # A quantized base is read on the host and quantized onto the device layer by layer, so the
+    # full-precision base never has to fit there (adapter/quantize.py).
+    load_dev = torch.device("cpu") if source.quantize != "none" else dev
     if base_path and Path(base_path).exists():
-        base = load_base(base_path, dtype=dtype, device=dev)
+        base = load_base(base_path, dtype=dtype, device=load_dev)
         note = f"pretrained base from {base_path}"
     elif source.preset:
-        base = random_base(source.preset, dtype, dev)
+        base = random_base(source.preset, dtype, load_dev)
         why = f"base {base_path} not found; " if base_path else ""
         note = f"RANDOM-INITIALISED base of preset {source.preset!r} ({why}a last resort: outputs are noise)"
     else:
@@ -69,6 +73,9 @@ def load_model(source: ModelSource, device: str | torch.device | None = None) ->
     if tokenizer.vocab_size != base.args.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
                          f"vocabulary is {base.args.vocab_size}: they do not belong together")
+    if source.quantize != "none":
+        base = quantize_base(base, source.quantize, dev)
+        note += f"; blocks' linear layers quantized to {source.quantize}"
     return LoadedModel(base, tokenizer, dev, dtype, note)
 
 

@@ -46,6 +46,9 @@ class ModelSource(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)")
     device: str | None = Field(None, description="auto: cuda when available, else cpu")
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="hold the frozen blocks' linear layers in int8 (LLM.int8) or int4 (NF4); "
+                            "see adapter/quantize.py")
 
     @model_validator(mode="after")
     def _one_source(self):
