@@ -34,6 +34,7 @@ from adapter.flops import peak_flops_per_device, training_flops_per_token
 from adapter.generation import generate, prefixes_for
 from adapter.loader import load_model
 from adapter.prompts import format_prompt
+from adapter.vision import ImageEncoder, features_for
 from pipelines.batching import collate, epoch_order
 from pipelines.config import SamplesConfig, TrainConfig
 from pipelines.data_source import sha256_of
@@ -80,14 +81,19 @@ def read_shard(name: str) -> dict[str, np.ndarray | list]:
     import ray.train
 
     shard = ray.train.get_dataset_shard(name)
-    idx, ids, labels = [], [], []
+    idx, ids, labels, images = [], [], [], []
     for b in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
         idx += b.column("idx").to_pylist()
         ids += b.column("input_ids").to_pylist()
         labels += b.column("labels").to_pylist()
+        if "image" in b.column_names:  # multimodal records (pipelines/multimodal_data.py)
+            images += b.column("image").to_pylist()
     order = np.argsort(np.asarray(idx, dtype=np.int64), kind="stable")
-    return {"idx": np.asarray(idx)[order], "input_ids": [ids[i] for i in order],
-            "labels": [labels[i] for i in order]}
+    out = {"idx": np.asarray(idx)[order], "input_ids": [ids[i] for i in order],
+           "labels": [labels[i] for i in order]}
+    if images:
+        out["image"] = [images[i] for i in order]
+    return out
 
 
 def state_digest(module: torch.nn.Module, sample: int = 4096) -> str:
@@ -255,11 +261,19 @@ class AdapterRecipe:
         with self.timer("load_model"):
             loaded = load_model(cfg.model, device=self.device)
         self.base, self.tok, self.base_note = loaded.base, loaded.tokenizer, loaded.note
-        torch.manual_seed(o.seed)  # identical initial prompts on every rank
-        self.prompts = AdaptionPrompts(self.base.args, cfg.model.adapter, device=self.device)
+        self.encoder, projection = None, None
+        if cfg.vision is not None:
+            with self.timer("load_encoder"):
+                self.encoder = ImageEncoder(cfg.vision, device=self.device, dtype=loaded.dtype)
+        torch.manual_seed(o.seed)  # identical initial prompts (and projection) on every rank
+        if self.encoder is not None:
+            projection = self.encoder.projection(cfg.vision.proj_hidden, self.base.args.dim, device=self.device)
+        self.prompts = AdaptionPrompts(self.base.args, cfg.model.adapter, device=self.device, projection=projection)
         self.model = AdaptedLlama(self.base, self.prompts)
         with self.timer("read_data"):
             self.train, self.val = read_shard("train"), read_shard("val")
+        with self.timer("encode_images"):
+            self.train_images, self.val_images = self.encode_images(self.train), self.encode_images(self.val)
         self.lengths = np.array([len(x) for x in self.train["input_ids"]])
         self.steps_per_epoch = len(self.lengths) // o.micro_batch_size // o.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -286,6 +300,8 @@ class AdapterRecipe:
             "peak_lr": self.lr, "min_lr": o.min_lr, "adapter": cfg.model.adapter.to_dict(),
             "data_fingerprint": self.data_fingerprint,
         }
+        if self.encoder is not None:
+            self.settings["vision"] = self.encoder.identity
         peak = cfg.workers.peak_tflops * 1e12 if cfg.workers.peak_tflops else (
             peak_flops_per_device(torch.cuda.get_device_name(self.device), self.base.tok_embeddings.weight.dtype)
             if self.device.type == "cuda" else None)
@@ -312,10 +328,30 @@ class AdapterRecipe:
                 saved = load_adapter(Path(d), self.base.args, device=self.device)
             except AdapterFileError as e:
                 raise CheckpointError(str(e)) from None
-            with torch.no_grad():
-                self.prompts.prompt.copy_(saved.prompt)
-                self.prompts.gate.copy_(saved.gate)
+            try:
+                with torch.no_grad():
+                    self.prompts.load_state_dict(saved.state_dict())  # prompts, gates (and projection)
+            except RuntimeError as e:
+                raise CheckpointError(f"{d}: adapter does not fit this run ({e})") from None
             self.step = int(state["step"])
+
+    # --- images (multimodal runs) ---------------------------------------------------------------
+    def encode_images(self, split: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The encoder is frozen: each image's features are computed once per run, not every epoch."""
+        if self.encoder is None:
+            return None
+        images = split.get("image") or [None] * len(split["input_ids"])
+        parts = [features_for(self.encoder, images[i:i + 64], device="cpu") for i in range(0, len(images), 64)]
+        if not parts:
+            return torch.zeros(0, self.encoder.out_features), torch.zeros(0, dtype=torch.bool)
+        return torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
+
+    def image_inputs(self, encoded, rows) -> dict:
+        """The loss's image arguments for these rows (nothing for a text-only run)."""
+        if encoded is None:
+            return {}
+        feats, present = encoded
+        return {"image_features": feats[rows].to(self.device), "image_present": present[rows].to(self.device)}
 
     # --- stages ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -325,7 +361,8 @@ class AdapterRecipe:
             mb = self.cfg.optim.micro_batch_size
             for i in range(0, len(self.val["input_ids"]), mb):
                 ids, lab = collate(self.val["input_ids"][i:i + mb], self.val["labels"][i:i + mb])
-                loss, n = self.model.loss(ids.to(self.device), lab.to(self.device))
+                images = self.image_inputs(self.val_images, slice(i, i + mb))
+                loss, n = self.model.loss(ids.to(self.device), lab.to(self.device), **images)
                 sums += torch.stack([loss.double() * n, n.double()])
             total_loss, total_n = all_reduce_sum(sums).tolist()
             self.val_loss = total_loss / total_n if total_n else float("nan")
@@ -372,7 +409,8 @@ class AdapterRecipe:
         padded, flops = 0, 0.0
         for rows in micro_batches:
             ids, lab = collate([self.train["input_ids"][i] for i in rows], [self.train["labels"][i] for i in rows])
-            loss, n = self.model.loss(ids.to(self.device), lab.to(self.device))
+            images = self.image_inputs(self.train_images, torch.as_tensor(rows))
+            loss, n = self.model.loss(ids.to(self.device), lab.to(self.device), **images)
             self.engine.backward(loss)
             self.engine.step()
             real = int(self.lengths[rows].sum())
