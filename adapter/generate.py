@@ -1,7 +1,8 @@
 """`python -m adapter.generate --base DIR --tokenizer FILE [--adapter FILE] --prompt TEXT`
 
 Prints the completion. `--instruction` / `--input` apply the Alpaca template instead of a raw
-prompt; `--temperature 0` decodes greedily.
+prompt; `--temperature 0` decodes greedily. `--image FILE --encoder DIR` conditions a multimodal
+adapter on an image (DIR: the CLIP tower it was trained with; another one is refused by name).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 import torch
 
-from adapter.adapter_file import import_v1_adapter, load_adapter
+from adapter.adapter_file import AdapterFileError, import_v1_adapter, load_adapter, read_metadata
 from adapter.generation import SamplingParams, generate, prefixes_for
 from adapter.loader import load_model
 from adapter.prompts import format_prompt
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     g.add_argument("--prompt", action="append", help="raw prompt text; repeat for a batch")
     g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
     ap.add_argument("--input", default="", help="optional input for --instruction")
+    ap.add_argument("--image", help="image file for a multimodal adapter (needs --encoder)")
+    ap.add_argument("--encoder", help="folder of the CLIP vision tower the multimodal adapter was trained with")
     ap.add_argument("--max-gen-len", type=int, default=SamplingParams.max_gen_len)
     ap.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     ap.add_argument("--top-p", type=float, default=SamplingParams.top_p)
@@ -44,15 +47,21 @@ def main(argv: list[str] | None = None) -> list[str]:
     except ValueError as e:
         ap.error(str(e))
     base, tok, device = loaded.base, loaded.tokenizer, loaded.device
-    adapter = None
-    if a.adapter:
+    adapter, visual = None, None
+    if a.image:
+        adapter, visual = _image_adapter(ap, a, base, device, loaded.dtype)
+    elif a.adapter:
         adapter = load_adapter(a.adapter, base.args, device=device)
     elif a.v1_adapter:
         adapter = import_v1_adapter(a.v1_adapter, base.args).to(device)
     texts = a.prompt if a.prompt else [format_prompt(a.instruction, a.input)]
     params = SamplingParams(max_gen_len=a.max_gen_len, temperature=a.temperature, top_p=a.top_p)
     gen = torch.Generator(device=device).manual_seed(a.seed)
-    prefixes = prefixes_for(base, adapter)
+    if visual is not None:
+        with torch.no_grad():
+            prefixes = adapter.prefixes(base, visual)
+    else:
+        prefixes = prefixes_for(base, adapter)
     outs = generate(base, [tok.encode(t) for t in texts], params, tok.eos_id,
                     adapters=[prefixes] * len(texts), generator=gen)
     completions = [tok.decode(o) for o in outs]
@@ -60,6 +69,32 @@ def main(argv: list[str] | None = None) -> list[str]:
         print(c)
     sys.stdout.flush()
     return completions
+
+
+def _image_adapter(ap, a, base, device, dtype):
+    """The multimodal adapter and the image's token; every way it cannot work ends in a named error."""
+    from adapter.vision import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
+
+    if not a.adapter:
+        ap.error("--image needs a multimodal --adapter")
+    try:
+        vision = read_metadata(a.adapter)["vision"]
+        if vision is None:
+            ap.error(f"{a.adapter} is a text-only adapter; --image needs a multimodal one")
+        if not a.encoder:
+            ap.error(f"--image needs --encoder DIR (this adapter was trained with image encoder "
+                     f"{vision['encoder'].get('name')!r})")
+        encoder = ImageEncoder(VisionConfig(encoder=a.encoder, feature_layers=tuple(vision["encoder"]["feature_layers"])),
+                               device=device, dtype=dtype)
+        adapter = load_adapter(a.adapter, base.args, device=device, encoder=encoder.identity)
+        with open(a.image, "rb") as f:
+            data = f.read()
+        decode_image(data)
+    except (AdapterFileError, ImageError, OSError, ValueError) as e:
+        ap.error(f"{a.image}: {e}" if isinstance(e, ImageError) else str(e))
+    feats, present = features_for(encoder, [data])
+    with torch.no_grad():
+        return adapter, adapter.image_tokens(feats, present)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,37 @@ def features_for(encoder: ImageEncoder, images: list[bytes | None], device=None)
         decoded = [decode_image(b) for b in images if b is not None]
         feats[present] = encoder.features(decoded).cpu()
     return feats.to(device or encoder.device), present.to(device or encoder.device)
+
+
+def save_random_encoder(folder: str | Path, width: int = 32, layers: int = 3, heads: int = 2,
+                        image_size: int = 32, patch: int = 8, seed: int = 0) -> Path:
+    """A random CLIP vision tower of ViT-L/14's architecture at toy size, with CLIP's preprocessing,
+    in transformers' format: what tests and the tiny CPU configs use, as no pretrained CLIP is
+    reachable there. Features of a random tower carry little about the image: plumbing, not skill."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch)
+    CLIPVisionModel(cfg).save_pretrained(folder)
+    Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+              ).save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="python -m adapter.vision random-encoder FOLDER: a toy random CLIP "
+                                             "tower for the tiny CPU configs")
+    ap.add_argument("command", choices=["random-encoder"])
+    ap.add_argument("folder")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--width", type=int, default=32)
+    a = ap.parse_args()
+    print(save_random_encoder(a.folder, width=a.width, layers=a.layers))

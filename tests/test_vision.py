@@ -11,24 +11,12 @@ import torch
 
 from adapter.adapter import AdaptedLlama, AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import AdapterFileError, load_adapter, save_adapter
-from adapter.vision import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
+from adapter.vision import ImageEncoder, ImageError, VisionConfig, decode_image, features_for, save_random_encoder
 
 
-def save_tiny_encoder(folder, seed: int = 0, image_size: int = 32):
+def save_tiny_encoder(folder, seed: int = 0):
     """A random CLIP vision tower (3 blocks, width 32) with CLIP's preprocessing, in transformers' format."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-
-    torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=image_size, patch_size=8)
-    CLIPVisionModel(cfg).save_pretrained(folder)
-    Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-              ).save_pretrained(folder)
-    return folder
+    return save_random_encoder(folder, seed=seed)
 
 
 def png(color, size=(40, 30), pattern: int = 0) -> bytes:
