@@ -115,7 +115,8 @@ def held_out(rec: dict, val_fraction: float, seed: int) -> bool:
     The held-out share is val_fraction in expectation, not exactly."""
     if val_fraction <= 0:
         return False
-    content = json.dumps([rec["instruction"], rec["input"], rec["output"]], ensure_ascii=False)
+    # Length-prefixed fields: unambiguous whatever the text holds.
+    content = "".join(f"{len(rec[f])}:{rec[f]}" for f in FIELDS)
     h = hashlib.blake2b(content.encode(), digest_size=8, salt=seed.to_bytes(16, "little", signed=True))
     return int.from_bytes(h.digest(), "little") < val_fraction * 2**64
 
@@ -154,7 +155,7 @@ class TokenizeBatch:
             labels = [IGNORE_INDEX] * (1 + len(p)) + r + [self.tok.eos_id]
             truncated = len(ids) > self.max_seq_len
             ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
-            n_resp = sum(1 for x in labels if x != IGNORE_INDEX)
+            n_resp = len(labels) - min(len(labels), 1 + len(p))
             if n_resp == 0:
                 rows["reject_reason"][i] = "no_response_tokens_after_truncation"
                 rows["reject_detail"][i] = f"prompt alone is {len(p) + 1} tokens, max_seq_len {self.max_seq_len}"
@@ -368,7 +369,8 @@ def write_records(source: Source, cfg: PreprocessConfig, tokenizer: str, folder:
             # "The first N" across files: files in their listed order, then records in file order
             # (set before the dataset is made: it keeps a copy of the context).
             ctx.execution_options.preserve_order = True
-        ds = read_records(source, d.max_record_bytes, d.limit, read_tasks=read_tasks, concurrency=concurrency)
+        ds = read_records(source, d.max_record_bytes, d.limit, read_tasks=read_tasks,
+                          concurrency=min(concurrency, len(source.files)) if concurrency else None)
         if first_n:
             ds = ds.limit(d.limit)
         ds = ds.map_batches(tokenize_block, batch_format="pyarrow", batch_size=BATCH_RECORDS,

@@ -74,11 +74,15 @@ def test_hostile_input_is_a_reject_with_its_reason_never_a_crash(ray_cluster, tm
         assert len(rejects[0]["record"]) < 2000 and "over data.max_record_bytes" in rejects[0]["detail"]
 
 
-def test_a_file_whose_every_record_is_rejected_fails_the_job(ray_cluster, tmp_path):
-    src = tmp_path / "utf16.json"
+def test_a_file_without_one_usable_record_fails_the_job(ray_cluster, tmp_path):
+    src = tmp_path / "utf16.json"  # before: every line rejected, and the job reported success
     src.write_bytes("\n".join(json.dumps(r) for r in (GOOD, GOOD2)).encode("utf-16"))
     with pytest.raises(DataSourceError, match="every one of its 2 records was rejected"):
         run(_cfg(src, tmp_path / "out"))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \r\n\n")
+    with pytest.raises(DataSourceError, match="no records"):
+        run(_cfg(blank, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
