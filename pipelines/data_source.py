@@ -155,8 +155,12 @@ def fetch(source: str, sha256: str | None = None, cache_dir: Path | None = None)
     """The files of `source` (listed, not read); a URL is downloaded into the cache first."""
     from pyarrow import fs as pafs
 
-    scheme = urllib.parse.urlparse(source).scheme
-    if scheme in DOWNLOAD_SCHEMES:
+    parsed = urllib.parse.urlparse(source)
+    # http(s) names one file; so does a file:// URL, unless it is a folder or a glob (then it is
+    # a pyarrow URI like any other).
+    one_file = parsed.scheme in DOWNLOAD_SCHEMES and not (
+        parsed.scheme == "file" and (_has_glob(source) or Path(urllib.parse.unquote(parsed.path)).is_dir()))
+    if one_file:
         path = _download(source, cache_dir or DEFAULT_CACHE)
         if sha256 is not None:
             got = sha256_of(path)

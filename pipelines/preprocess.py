@@ -181,7 +181,7 @@ def tokenize_block(batch: pa.Table, **settings) -> pa.Table:
 # --- stats: per write task, merged on the driver ----------------------------------------------------
 def empty_partial(max_seq_len: int) -> dict:
     return {"read": 0, "written": {"train": 0, "val": 0}, "rejected": {}, "truncated": 0, "total_tokens": 0,
-            "response_tokens": 0, "length_counts": [0] * (max_seq_len + 1)}
+            "response_tokens": 0, "length_counts": np.zeros(max_seq_len + 1, dtype=np.int64)}
 
 
 def add_to_partial(part: dict, table: pa.Table) -> pa.Table:
@@ -192,8 +192,7 @@ def add_to_partial(part: dict, table: pa.Table) -> pa.Table:
     for reason, count in Counter(r for r in reasons.to_pylist() if r).items():
         part["rejected"][reason] = part["rejected"].get(reason, 0) + count
     lengths = good.column("num_tokens").to_numpy()
-    counts = np.bincount(lengths, minlength=len(part["length_counts"]))
-    part["length_counts"] = (np.asarray(part["length_counts"]) + counts).tolist()
+    part["length_counts"] += np.bincount(lengths, minlength=len(part["length_counts"]))
     part["total_tokens"] += int(lengths.sum())
     part["response_tokens"] += int(good.column("num_response_tokens").to_numpy().sum())
     part["truncated"] += int(pc.sum(good.column("truncated").cast(pa.int64())).as_py() or 0)
@@ -202,7 +201,6 @@ def add_to_partial(part: dict, table: pa.Table) -> pa.Table:
 
 def merge_partials(parts: list[dict], max_seq_len: int) -> dict:
     total = empty_partial(max_seq_len)
-    counts = np.zeros(max_seq_len + 1, dtype=np.int64)
     for p in parts:
         for key in ("read", "truncated", "total_tokens", "response_tokens"):
             total[key] += p[key]
@@ -210,8 +208,7 @@ def merge_partials(parts: list[dict], max_seq_len: int) -> dict:
             total["written"][split] += p["written"][split]
         for reason, count in p["rejected"].items():
             total["rejected"][reason] = total["rejected"].get(reason, 0) + count
-        counts += np.asarray(p["length_counts"], dtype=np.int64)
-    total["length_counts"] = counts
+        total["length_counts"] += p["length_counts"]
     return total
 
 
@@ -471,8 +468,7 @@ def is_complete(out: Path) -> bool:
 def read_split(out: Path, split: str) -> pa.Table:
     files = sorted((Path(out) / split).glob("*.parquet"))
     if not files:
-        return OUTPUT_SCHEMA.empty_table().select(["idx", "input_ids", "labels", "num_tokens",
-                                                   "num_response_tokens", "truncated"])
+        return OUTPUT_SCHEMA.empty_table().select(GOOD_COLUMNS)
     return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("idx")
 
 

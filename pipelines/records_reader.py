@@ -216,7 +216,8 @@ def read_array(first: bytes, f, rows: _Rows, path: str) -> Iterator[pa.Table]:
 def _expect_only_whitespace(rest: bytes, f, path: str) -> None:
     while True:
         if rest.strip():
-            raise DataSourceError(f"{path} is not a valid JSON array: data after its closing ]")
+            raise DataSourceError(f"{path} is not a valid JSON array: data after its closing ] "
+                                  f"(JSON Lines whose first record is an array?)")
         rest = f.read(CHUNK_BYTES)
         if not rest:
             return
@@ -290,9 +291,10 @@ class RecordsDatasource(FileBasedDatasource):
 
 def read_records(source: Source, max_record_bytes: int, limit: int | None = None,
                  read_tasks: int | None = None, concurrency: int | None = None):
-    """A Ray Dataset of READ_SCHEMA rows. Read tasks take no CPU slot: they split bytes (a few per
-    cent of the work) and must never wait behind the tokenizer tasks that consume their blocks
-    (on a 1-CPU cluster they would, forever); `concurrency` caps how many run at once."""
+    """A Ray Dataset of READ_SCHEMA rows. Read tasks take no CPU slot: splitting bytes is a few per
+    cent of the work, and a read task (a streaming generator, alive until its file ends) then never
+    holds the slot that the tokenizer tasks consuming its blocks need (on a 1-CPU cluster, the only
+    one). `concurrency` caps how many read at once."""
     import ray
 
     return ray.data.read_datasource(RecordsDatasource(source, max_record_bytes, limit), num_cpus=0,

@@ -1,6 +1,7 @@
 """Preprocessing inputs that broke the job before issue 14 (each reproduced on main), the readers'
 byte-level scanners, and the split's independence of format and partitioning (real local Ray)."""
 
+import gzip
 import io
 import json
 
@@ -97,15 +98,17 @@ def test_the_split_is_the_same_for_a_json_array_json_lines_and_parquet_shards(ra
         pq.write_table(pa.table({"instruction": [r["instruction"] for r in part], "input": [r["input"] for r in part],
                                  "output": [r["output"] for r in part], "text": ["formatted"] * len(part)}),
                        shards / f"train-{k:05d}-of-00004.parquet")
+    with gzip.open(tmp_path / "data.jsonl.gz", "wt") as f:
+        f.write((tmp_path / "data.jsonl").read_text())
     splits = {}
-    for name, source in [("array", src), ("lines", tmp_path / "data.jsonl"), ("folder", shards),
-                         ("glob", shards / "*.parquet")]:
+    for name, source in [("array", src), ("lines", tmp_path / "data.jsonl"), ("gzip", tmp_path / "data.jsonl.gz"),
+                         ("folder", shards), ("glob", shards / "*.parquet"), ("uri", f"file://{shards}/train-*")]:
         stats = run(_cfg(source, tmp_path / name, val_fraction=0.2))
         assert (stats["records_read"], stats["records_written"]) == (200, 200)
         splits[name] = {split: sorted(tuple(ids) for ids in read_split(tmp_path / name, split).column("input_ids")
                                       .to_pylist()) for split in ("train", "val")}
     assert 20 < len(splits["array"]["val"]) < 60
-    assert splits["array"] == splits["lines"] == splits["folder"] == splits["glob"]
+    assert splits["array"] == splits["lines"] == splits["gzip"] == splits["folder"] == splits["glob"] == splits["uri"]
     # Parquet ids: file number << 40 | row number, unique and in file order.
     ids = sorted(read_split(tmp_path / "folder", "train").column("idx").to_pylist()
                  + read_split(tmp_path / "folder", "val").column("idx").to_pylist())
