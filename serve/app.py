@@ -201,12 +201,13 @@ class AdapterServer:
             except ContextOverflow as e:
                 raise ApiError(400, str(e), param, "context_length_exceeded") from None
         prefixes = await self._prefixes(body.model)
+        stop = body.stop_list()
         rows: list[Sequence] = []
         try:
             for ids in encoded:
                 for j in range(body.n):  # choices of one prompt differ by seed when a seed is given
                     seed = None if body.seed is None else (body.seed + j) % MAX_SEED
-                    rows.append(self.loop.submit(ids, params, prefixes, seed))
+                    rows.append(self.loop.submit(ids, params, prefixes, seed, every_step=body.stream or bool(stop)))
         except EngineFull:
             for row in rows:
                 self.loop.cancel(row)

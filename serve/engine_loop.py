@@ -22,6 +22,7 @@ class EngineLoop:
         self.task: asyncio.Task | None = None
         self.wake: asyncio.Event | None = None
         self.updated: dict[Sequence, asyncio.Event] = {}
+        self.every_step: set[Sequence] = set()  # rows whose consumer wants each token (streams, stop strings)
 
     def start(self) -> None:
         if self.task is None:
@@ -32,11 +33,16 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.task is None or not self.task.done()
 
-    def submit(self, prompt: list[int], params, prefixes=None, seed: int | None = None) -> Sequence:
-        """Queue a row (raises EngineFull, ContextOverflow). Call from the event loop."""
+    def submit(self, prompt: list[int], params, prefixes=None, seed: int | None = None,
+               every_step: bool = True) -> Sequence:
+        """Queue a row (raises EngineFull, ContextOverflow). Call from the event loop.
+        every_step=False: its consumer is woken only when the row is done (a plain completion
+        without stop strings), so the event loop does not wake once per token per row."""
         self.start()
         seq = self.engine.add(prompt, params, prefixes, seed)
         self.updated[seq] = asyncio.Event()
+        if every_step:
+            self.every_step.add(seq)
         self.wake.set()
         return seq
 
@@ -58,11 +64,12 @@ class EngineLoop:
                 self.engine.cancel(seq)
                 self.wake.set()
             self.updated.pop(seq, None)
+            self.every_step.discard(seq)
 
     def _notify(self, seqs) -> None:
         for seq in seqs:
             event = self.updated.get(seq)
-            if event is not None:
+            if event is not None and (seq.done or seq in self.every_step):
                 event.set()
 
     async def _run(self) -> None:

@@ -295,6 +295,14 @@ def test_a_disconnected_stream_leaves_the_engine_within_a_few_steps(server):
         time.sleep(0.05)
     assert after["finished"].get("cancelled", 0) == before["finished"].get("cancelled", 0) + 1
     assert after["steps"] - before["steps"] < LIMIT  # it did not run to the end
+    # Not streamed: a client that gives up (here: its timeout) frees its row too.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json={**body, "n": 2}, timeout=httpx.Timeout(60, read=0.05))
+    deadline = time.time() + 20
+    while _health(server)["running"] or _health(server)["finished"].get("cancelled", 0) < \
+            after["finished"].get("cancelled", 0) + 2:
+        assert time.time() < deadline, _health(server)
+        time.sleep(0.05)
 
 
 def test_auth_on_every_route_before_the_body_is_read(server):
