@@ -1,10 +1,11 @@
 """LLaMA-Adapter: adaption prompts on the top L layers with zero-init, per-head gates.
 
 The whole method (METHOD.md sections 2-3) is this file: a (L, K, dim) prompt table and an (L,
-n_heads) gate table (and, multimodal, section 7: an optional projection whose image token is added
-to every adapted layer's prompt; see adapter/vision.py). For each adapted layer the prompt goes through that layer's frozen wk / wv
+n_heads) gate table. For each adapted layer the prompt goes through that layer's frozen wk / wv
 (no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
 start at 0, so an untrained adapter leaves the base model's outputs exactly unchanged.
+Multimodal (section 7): an optional projection turns image features into one token that is added
+to every adapted layer's prompt (the encoder and projection live in adapter/vision.py).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class AdaptedLlama(nn.Module):
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, **images) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over labelled positions, and how many there were (a
         0-d tensor: reading it would stall a GPU step, so callers sum it and read it rarely).
+        `images`: image_features / image_present for a multimodal adapter (see `hidden`).
 
         Logits are computed only where the label counts (about half of the real tokens of an
         Alpaca batch and none of its padding): the output projection is a large share of the cost.

@@ -89,13 +89,14 @@ def run(cfg: TrainConfig) -> dict:
     with open(out / "predictions.jsonl", "w") as f:
         for r in scored:
             f.write(json.dumps(r) + "\n")
-    label = f"{cfg.name} ({cfg.evaluation.split}, {'image' if cfg.vision else 'text-only'})"
+    with_image = sum(1 for r in rows if r["image"] is not None) if cfg.vision else 0
+    label = f"{cfg.name} ({cfg.evaluation.split}; {with_image} of {len(scored)} with their image)"
     (out / "table.md").write_text(markdown_table(acc, label))
     result = {
         "split": cfg.evaluation.split, "adapter": adapter, "problems": len(scored), "accuracy": acc,
         "wrong_unparseable": [r["pid"] for r in scored if r["parse"] != "ok"],
         "parse_results": {k: sum(1 for r in scored if r["parse"] == k) for k in sorted({r["parse"] for r in scored})},
-        "set_aside": aside, "with_image": sum(1 for r in rows if r["image"] is not None),
+        "set_aside": aside, "with_image": with_image,
         "predict_seconds": round(pred_s, 2), "problems_per_s": round(len(scored) / pred_s, 2),
         "actors": cfg.evaluation.actors, "seconds": round(time.time() - t0, 2), "out": str(out),
     }

@@ -377,7 +377,9 @@ class AdapterRecipe:
             return
         s: SamplesConfig = self.cfg.samples
         with self.timer("sample"):
-            prompts = [self.tok.encode(format_prompt(i)) for i in s.instructions]
+            # ScienceQA trains on its own question/context/options text, not the Alpaca template.
+            raw = self.cfg.task == "scienceqa"
+            prompts = [self.tok.encode(i if raw else format_prompt(i)) for i in s.instructions]
             pre = prefixes_for(self.base, self.prompts)
             outs = generate(self.base, prompts, s.sampling, self.tok.eos_id, adapters=[pre] * len(prompts),
                             generator=torch.Generator(device=self.device).manual_seed(0))
