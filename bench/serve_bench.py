@@ -305,7 +305,7 @@ def _chart(path: Path, result: dict) -> None:
     bars = a.barh(labels, values, color=["#999999", "#e07b39", "#4878a8", "#6aa84f"] + ["#bbbbbb", "#4878a8", "#6aa84f"])
     a.bar_label(bars, fmt="%.0f")
     a.invert_yaxis()
-    a.set_xlabel("completion tokens / s (engine: per CPU-second of its process; HTTP: wall clock)")
+    a.set_xlabel("tokens / s (engine: per CPU-second; HTTP: wall clock)")
     a.set_title("Throughput, 16 closed-loop clients")
     open_loop = result["engine"]["open_loop_poisson"]
     for label, color in (("wave", "#e07b39"), ("continuous", "#4878a8")):
