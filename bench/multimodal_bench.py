@@ -92,6 +92,11 @@ def eval_throughput(quick: bool) -> dict:
     adapter = Path("runs") / cfg.name / "adapter"
     if not adapter.is_dir():
         return {"skipped": f"{adapter} not found: run `python -m pipelines.train --config coco-tiny-cpu` first"}
+    import ray
+
+    # A private local cluster: on a shared machine `connect` would join whatever Ray is running.
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     connect(cfg.ray)
     out = {}
     for actors in (1, 2):
