@@ -82,9 +82,10 @@ def child(method: str, source: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if method == "single":
         out.mkdir(parents=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         n = single_process(sorted(source.glob("*.jsonl")), tokenizer, out)
-        return {"records": n, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
+        return {"records": n, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
+                "cpu_seconds": time.process_time() - cpu0}
     import ray
     from ray.data import DataContext
 
@@ -104,7 +105,8 @@ def child(method: str, source: Path, out: Path) -> dict:
     ray.shutdown()
     return {"records": stats["records_read"], "records_written": stats["records_written"],
             "records_rejected": stats["records_rejected"], "seconds": dt, "ray_init_seconds": init_s,
-            "peak_rss_mib": peak_rss_mib(), "peak_rss_mib_after_ray_init": rss_after_init}
+            "peak_rss_mib": peak_rss_mib(), "peak_rss_mib_after_ray_init": rss_after_init,
+            "cpu_seconds": stats["cpu_seconds_tokenize_and_write"]}
 
 
 def measure(method: str, source: Path, timeout_s: float) -> dict:
@@ -119,19 +121,28 @@ def measure(method: str, source: Path, timeout_s: float) -> dict:
 
 
 def run(repeat_factors=(1, 10), methods=("single", "ray1", "ray2"), quick: bool = False,
-        timeout_s: float = 3600) -> dict:
+        timeout_s: float = 3600, append: bool = False) -> dict:
+    """`append`: keep the rows of the last result for other (factor, method) pairs, e.g. to add
+    a 100x run of one method to a 1x / 10x run of all."""
     limit = None
     if quick:
         repeat_factors, limit = (1,), 2000
     rows = []
+    if append and (RESULTS / "preprocess.json").is_file():
+        done = {(f, METHODS[m]) for f in repeat_factors for m in methods}
+        rows = [r for r in json.loads((RESULTS / "preprocess.json").read_text())["rows"]
+                if (r["repeat"], r["method"]) not in done]
     for factor in repeat_factors:
         source = synthesise(factor, limit)
         for method in methods:
             load = os.getloadavg()[0]
             r = measure(method, source, timeout_s)
             rows.append({"method": METHODS[method], "repeat": factor, **r, "records_per_s": r["records"] / r["seconds"],
+                         "cpu_ms_per_record": 1000 * r["cpu_seconds"] / r["records"],
                          "load_avg_1min_before": round(load, 2)})
             print(json.dumps(rows[-1]), flush=True)
+    repeat_factors = sorted({r["repeat"] for r in rows})
+    methods = [m for m in METHODS if any(r["method"] == METHODS[m] for r in rows)]
     by = {(r["repeat"], r["method"]): r for r in rows}
     speedups, rss = {}, {}
     for factor in repeat_factors:
@@ -143,14 +154,17 @@ def run(repeat_factors=(1, 10), methods=("single", "ray1", "ray2"), quick: bool 
         if len(peaks) > 1:
             lo, hi = min(peaks), max(peaks)
             rss[METHODS[method]] = {"factors": [lo, hi], "peak_rss_ratio": peaks[hi] / peaks[lo]}
-    largest = max(repeat_factors)
+    largest = max(f for f in repeat_factors if sum(r["repeat"] == f for r in rows) == len(methods))
     result = {
         "what": "records/s and the driver's peak RSS from raw JSON Lines shards to tokenized, loss-masked "
                 "parquet (LLaMA tokenizer, max_seq_len 512); one run each, each in its own process (measured)",
         "note": f"Nx = the real 52,002-record file repeated N times as {SHARDS_PER_COPY} JSON Lines shards per "
                 "copy under /tmp. Ray timings exclude ray.init (listed separately) and include listing, "
                 "fingerprint, reading, tokenizing, writing, merging stats and rejects. The machine (2 cores) "
-                "was shared with other jobs: load_avg_1min_before says how busy it was.",
+                "was shared with other jobs: load_avg_1min_before says how busy it was, and wall-clock rates "
+                "move with it. cpu_ms_per_record is CPU time per record of the single process, or of Ray's "
+                "tokenize+write tasks (read tasks, driver, raylet excluded): the work itself, less load-bound. "
+                "peak_rss_mib is the whole process's (driver's) peak, torch and ray imports included.",
         "goals": {"ray2_vs_single_at_10x": ">= 1.7", "driver_peak_rss_100x_vs_1x": "<= 1.5"},
         "rows": rows, "speedups": speedups, "driver_peak_rss": rss,
         "factors_run": list(repeat_factors),
@@ -169,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--factors", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--append", action="store_true", help="keep the last result's other rows")
     ap.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     ap.add_argument("--source", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.child:
         print(json.dumps(child(a.child, Path(a.source), Path(a.out))))
         return
-    result = run(tuple(a.factors), tuple(a.methods), a.quick)
+    result = run(tuple(a.factors), tuple(a.methods), a.quick, append=a.append)
     print(json.dumps({k: result[k] for k in ("speedups", "driver_peak_rss")}, indent=2))
 
 

@@ -181,7 +181,7 @@ def tokenize_block(batch: pa.Table, **settings) -> pa.Table:
 # --- stats: per write task, merged on the driver ----------------------------------------------------
 def empty_partial(max_seq_len: int) -> dict:
     return {"read": 0, "written": {"train": 0, "val": 0}, "rejected": {}, "truncated": 0, "total_tokens": 0,
-            "response_tokens": 0, "length_counts": np.zeros(max_seq_len + 1, dtype=np.int64)}
+            "response_tokens": 0, "length_counts": np.zeros(max_seq_len + 1, dtype=np.int64), "cpu_seconds": 0.0}
 
 
 def add_to_partial(part: dict, table: pa.Table) -> pa.Table:
@@ -202,7 +202,7 @@ def add_to_partial(part: dict, table: pa.Table) -> pa.Table:
 def merge_partials(parts: list[dict], max_seq_len: int) -> dict:
     total = empty_partial(max_seq_len)
     for p in parts:
-        for key in ("read", "truncated", "total_tokens", "response_tokens"):
+        for key in ("read", "truncated", "total_tokens", "response_tokens", "cpu_seconds"):
             total[key] += p[key]
         for split in ("train", "val"):
             total["written"][split] += p["written"][split]
@@ -248,6 +248,7 @@ class SplitSink(Datasink):
         self.partials: list[dict] = []
 
     def write(self, blocks, ctx) -> dict:
+        cpu0 = time.process_time()
         part = empty_partial(self.max_seq_len)
         writers, rejects = {}, []
         name = f"part-{ctx.task_idx:06d}"
@@ -278,6 +279,8 @@ class SplitSink(Datasink):
                     f.write(json.dumps({"index": r["idx"], "reason": r["reject_reason"],
                                         "detail": r["reject_detail"], "record": r["raw"]},
                                        ensure_ascii=False) + "\n")
+        # CPU time of this task: it pulls its blocks through the fused tokenize step.
+        part["cpu_seconds"] = time.process_time() - cpu0
         return part
 
     @property
@@ -435,6 +438,7 @@ def run(cfg: PreprocessConfig, num_blocks: int | None = None) -> dict:
         "response_tokens": total["response_tokens"],
         "token_length": length_stats(total["length_counts"]),
         "seconds": round(time.time() - t0, 2),
+        "cpu_seconds_tokenize_and_write": round(total["cpu_seconds"], 2),
         "fingerprint": fp,
     }
     # Nothing lost: the rows counted in (read), on disk (parquet row counts, reject lines), and
