@@ -34,23 +34,21 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for each position (any shape) and each of the head_dim/2 frequency pairs."""
+def rotary_freqs(head_dim: int, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """e^(i * position * frequency) for each position (any shape) and each of the head_dim/2 pairs."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0,x1),(x2,x3),... as Meta's complex form does.
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0,x1),(x2,x3),... as Meta's complex form does: each pair is a
+    complex number times its position's unit phasor (one kernel, not six: it runs at every step).
 
-    x: (B, heads, T, head_dim); cos/sin: (B, T, head_dim/2).
+    x: (B, heads, T, head_dim); freqs: (B, T, head_dim/2) complex.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None], sin[:, None]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return out.type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs[:, None]).flatten(-2).type_as(x)
 
 
 @dataclass
@@ -137,11 +135,11 @@ class Attention(nn.Module):
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         return k, v
 
-    def forward(self, x, cos, sin, mask, start: int = 0, cache: KVCache | None = None,
+    def forward(self, x, freqs, mask, start: int = 0, cache: KVCache | None = None,
                 prefix: PromptKV | None = None) -> torch.Tensor:
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
         k, v = self.project_kv(x)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         if cache is not None:
             k, v = cache.update(start, k, v)
         rep = self.n_heads // self.n_kv_heads
@@ -175,8 +173,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start=0, cache=None, prefix=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start, cache, prefix)
+    def forward(self, x, freqs, mask, start=0, cache=None, prefix=None):
+        h = x + self.attention(self.attention_norm(x), freqs, mask, start, cache, prefix)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -229,13 +227,13 @@ class Transformer(nn.Module):
             mask = attention_mask(pad, start, seqlen, device) if padded else None
             slots = torch.arange(start, start + seqlen, device=device)
             positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-        cos, sin = rotary_tables(self.args.head_dim, positions, self.args.rope_theta)
+        freqs = rotary_freqs(self.args.head_dim, positions, self.args.rope_theta)
         prefixes = prefixes or {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and no_grad_below == 0):
             h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= no_grad_below):
-                h = layer(h, cos, sin, mask, start, caches[i] if caches else None, prefixes.get(i))
+                h = layer(h, freqs, mask, start, caches[i] if caches else None, prefixes.get(i))
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:

@@ -191,9 +191,10 @@ class Engine:
                 except Exception as e:
                     self._fail(seq, e)
             return
+        greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
         for i, seq in enumerate(rows):
             try:
-                self._sample_and_emit(seq, logits[i], len(rows))
+                self._sample_and_emit(seq, logits[i], len(rows), greedy[i])
             except Exception as e:
                 self._fail(seq, e)
 
@@ -214,11 +215,14 @@ class Engine:
             s.length += 1
         return logits
 
-    def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor, batch: int) -> None:
+    def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor, batch: int, greedy: int | None = None) -> None:
         seq.max_batch = max(seq.max_batch, batch)
         if seq.done:
             return
-        self._emit(seq, sample_row(logits, seq.params.temperature, seq.params.top_p, seq.generator))
+        if seq.params.temperature == 0 and greedy is not None:
+            self._emit(seq, greedy)
+        else:
+            self._emit(seq, sample_row(logits, seq.params.temperature, seq.params.top_p, seq.generator))
 
     def _emit(self, seq: Sequence, token: int) -> None:
         seq.max_batch = max(seq.max_batch, len(self.running))
