@@ -145,4 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Run it as `pipelines.coco`, not `__main__`: what this module hands to Ray workers must be
+    # importable there by its module name.
+    from pipelines.coco import main as _main
+
+    _main()

@@ -208,4 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Run it as `pipelines.scienceqa`, not `__main__`: what this module hands to Ray workers must be
+    # importable there by its module name.
+    from pipelines.scienceqa import main as _main
+
+    _main()
