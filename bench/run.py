@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check")
+SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize")
 
 
 def run_suite(name: str, quick: bool = False) -> dict:
@@ -23,6 +23,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.serve_bench import run
     elif name == "gpu-check":
         from bench.gpu_check import run  # the tiny shape on CPU (or with --quick), LLaMA-7B on a GPU
+    elif name == "quantize":
+        from bench.quantize_bench import run  # fp32 / bf16 / int8 / int4 base: bytes, loss, agreement, CPU speed
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return run(quick=quick)
