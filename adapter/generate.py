@@ -1,8 +1,9 @@
 """`python -m adapter.generate --base DIR --tokenizer FILE [--adapter FILE] --prompt TEXT`
 
 Prints the completion. `--instruction` / `--input` apply the Alpaca template instead of a raw
-prompt; `--temperature 0` decodes greedily. `--image FILE --encoder DIR` conditions a multimodal
-adapter on an image (DIR: the CLIP tower it was trained with; another one is refused by name).
+prompt; `--temperature 0` decodes greedily. `--image FILE [--encoder DIR]` conditions a multimodal
+adapter on an image (DIR: the CLIP tower it was trained with, by default the one its training.json
+names; another one is refused by name).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     g.add_argument("--prompt", action="append", help="raw prompt text; repeat for a batch")
     g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
     ap.add_argument("--input", default="", help="optional input for --instruction")
-    ap.add_argument("--image", help="image file for a multimodal adapter (needs --encoder)")
-    ap.add_argument("--encoder", help="folder of the CLIP vision tower the multimodal adapter was trained with")
+    ap.add_argument("--image", help="image file for a multimodal adapter")
+    ap.add_argument("--encoder", help="folder of the CLIP vision tower the adapter was trained with (default: from its training.json)")
     ap.add_argument("--max-gen-len", type=int, default=SamplingParams.max_gen_len)
     ap.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     ap.add_argument("--top-p", type=float, default=SamplingParams.top_p)
@@ -71,6 +72,18 @@ def main(argv: list[str] | None = None) -> list[str]:
     return completions
 
 
+def _trained_encoder(adapter: str) -> str | None:
+    """The encoder folder the training job recorded beside the adapter (training.json), if any."""
+    import json
+    from pathlib import Path
+
+    info = Path(adapter) / "training.json" if Path(adapter).is_dir() else Path(adapter).with_name("training.json")
+    try:
+        return (json.loads(info.read_text()).get("vision") or {}).get("encoder")
+    except (OSError, ValueError):
+        return None
+
+
 def _image_adapter(ap, a, base, device, dtype):
     """The multimodal adapter and the image's token; every way it cannot work ends in a named error."""
     from adapter.vision import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
@@ -81,10 +94,11 @@ def _image_adapter(ap, a, base, device, dtype):
         vision = read_metadata(a.adapter)["vision"]
         if vision is None:
             ap.error(f"{a.adapter} is a text-only adapter; --image needs a multimodal one")
-        if not a.encoder:
+        encoder_dir = a.encoder or _trained_encoder(a.adapter)
+        if not encoder_dir:
             ap.error(f"--image needs --encoder DIR (this adapter was trained with image encoder "
                      f"{vision['encoder'].get('name')!r})")
-        encoder = ImageEncoder(VisionConfig(encoder=a.encoder, feature_layers=tuple(vision["encoder"]["feature_layers"])),
+        encoder = ImageEncoder(VisionConfig(encoder=encoder_dir, feature_layers=tuple(vision["encoder"]["feature_layers"])),
                                device=device, dtype=dtype)
         adapter = load_adapter(a.adapter, base.args, device=device, encoder=encoder.identity)
         with open(a.image, "rb") as f:

@@ -134,7 +134,9 @@ def export_adapter(checkpoint_dir: Path, run_dir: Path, cfg: TrainConfig, summar
     (tmp / "adapter_config.json").write_text(json.dumps(meta["adapter_config"], indent=2))
     (tmp / "training.json").write_text(json.dumps(
         {"base": cfg.model.base, "preset": cfg.model.preset, "tokenizer": cfg.model.tokenizer,
-         "base_shape": meta["base_shape"], "recipe": cfg.optim.recipe, **summary}, indent=2))
+         "base_shape": meta["base_shape"], "recipe": cfg.optim.recipe,
+         # Multimodal: what the prompt looks like and which image encoder folder the adapter was trained with.
+         "task": cfg.task, "vision": cfg.vision.model_dump(mode="json") if cfg.vision else None, **summary}, indent=2))
     return replace_dir(tmp, out)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from adapter.adapter_file import load_adapter
 from adapter.checkpoint import load_base
-from adapter.vision import ImageEncoder, VisionConfig, features_for, save_random_encoder
+from adapter.vision import ImageEncoder, features_for, save_random_encoder
 from pipelines.coco import read_captions
 from pipelines.config import TrainConfig
 from tests.conftest import shared_file
@@ -137,6 +137,8 @@ def test_generate_cli_with_an_image(trained, tmp_path, capsys):
               "--max-gen-len", "6", "--instruction", "Generate a caption for this image."]
     out = main([*common, "--adapter", summary["adapter"], "--image", str(image), "--encoder", cfg.vision.encoder])
     assert len(out) == 1 and isinstance(out[0], str)
+    # Without --encoder: the folder the training job recorded in training.json.
+    assert main([*common, "--adapter", summary["adapter"], "--image", str(image)]) == out
     other = save_random_encoder(tmp_path / "other-clip", seed=3)
     with pytest.raises(SystemExit):
         main([*common, "--adapter", summary["adapter"], "--image", str(image), "--encoder", str(other)])
