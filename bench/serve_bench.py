@@ -329,7 +329,7 @@ def _chart(path: Path, result: dict) -> None:
         b.plot([float(r) for r in rates], [open_loop[label][r]["ttft_p50_s"] for r in rates], "x--",
                color=color, label=f"{label}: p50 TTFT, all")
     b.set_yscale("log")
-    b.set_xlabel("Poisson arrivals / s of engine time (max_tokens mixed 16-256)")
+    b.set_xlabel("Poisson arrivals / s (engine time; max_tokens 16-256)")
     b.set_ylabel("time to first token (s of engine CPU time)")
     b.set_title("Short requests under long ones")
     b.legend(fontsize=8, loc="center right")
