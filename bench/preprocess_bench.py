@@ -172,7 +172,7 @@ def run(repeat_factors=(1, 10), methods=("single", "ray1", "ray2"), quick: bool 
     path = write_result("preprocess", result)
     sel = [r for r in rows if r["repeat"] == largest]
     bar_chart(RESULTS / "preprocess.png",
-              f"Preprocessing Alpaca x{largest} (JSON Lines shards): records/s (measured, shared 2-core CPU)",
+              f"Alpaca x{largest}, JSON Lines shards: records/s (measured, shared 2-core CPU)",
               [f"{r['method']}\npeak RSS {r['peak_rss_mib']:.0f} MiB" for r in sel],
               [r["records_per_s"] for r in sel], "records / s")
     return json.loads(path.read_text())
