@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize")
+SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize", "multimodal")
 
 
 def run_suite(name: str, quick: bool = False) -> dict:
@@ -25,6 +25,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.gpu_check import run  # the tiny shape on CPU (or with --quick), LLaMA-7B on a GPU
     elif name == "quantize":
         from bench.quantize_bench import run  # fp32 / bf16 / int8 / int4 base: bytes, loss, agreement, CPU speed
+    elif name == "multimodal":
+        from bench.multimodal_bench import run  # COCO evaluation images/s; ScienceQA 8 x A100 projection
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return run(quick=quick)

@@ -12,9 +12,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from adapter.generation import SamplingParams
+from adapter.settings import ModelConfig, Section
 from adapter.vision import VisionConfig
-from adapter.settings import (CONFIG_DIR, ModelConfig, Section, add_config_args, config_from_args,  # noqa: F401
-                              load_config, save_config)
 
 
 class DataConfig(Section):

@@ -132,7 +132,8 @@ def read_trainer_state(folder: Path, settings: dict) -> dict:
         raise CheckpointError(f"{folder}: no {STATE_FILE}; not a finished checkpoint of this trainer")
     try:
         state = json.loads(state_path.read_text())
-        step, tag, saved = int(state["step"]), str(state["ds_tag"]), dict(state["settings"])
+        int(state["step"])  # present and a number: resume reads it
+        tag, saved = str(state["ds_tag"]), dict(state["settings"])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{state_path} is corrupt (not JSON: {e})") from None
     except (KeyError, TypeError, ValueError) as e:

@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -45,6 +46,7 @@ from serve.guard import GuardSettings, RequestGuard, configure
 from serve.text import TextStream
 
 log = logging.getLogger("ray.serve")
+PLAYGROUND = Path(__file__).with_name("playground.html")
 RETRY_AFTER_S = 1
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_SEED = 2**63
@@ -237,6 +239,11 @@ class AdapterServer:
                     self.loop.cancel(r)
 
     # --- routes ---------------------------------------------------------------------------------
+    @app.get("/")
+    async def playground(self):
+        """The browser playground (serve/playground.html): a static page over this same API."""
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
     @app.get("/health")
     async def health(self):
         if not self.loop.alive:
@@ -249,7 +256,8 @@ class AdapterServer:
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": now, "owned_by": "llama-adapter",
-             "loaded": n == self.cfg.base_name or n in self.adapters.loaded} for n in names]}
+             "loaded": n == self.cfg.base_name or n in self.adapters.loaded,
+             "multimodal": False} for n in names]}  # images are not served yet (the page hides its control)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):

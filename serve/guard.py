@@ -3,7 +3,8 @@ size limit. An unauthenticated client never gets its body parsed or validated (a
 replica nothing), and a body over the limit is refused with 413 without being buffered whole.
 
 The key is compared in constant time (`hmac.compare_digest`). `/health` stays open so that load
-balancers and probes, which carry no key, can reach it; it reveals only counts.
+balancers and probes, which carry no key, can reach it; it reveals only counts. So does the
+playground page at `/`, a static file that asks the user for the key.
 
 Settings are per replica process: the replica calls `configure` in its constructor (the FastAPI
 app object is shared by the class, the settings are not). Until then every request gets 503.
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 
-OPEN_PATHS = ("/health",)
+# The playground page ("/") holds no data: it asks for the key and sends it with its API calls.
+OPEN_PATHS = ("/health", "/")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from adapter.adapter import AdapterConfig, AdaptionPrompts
+from adapter.adapter_file import save_adapter
+from adapter.checkpoint import load_base
 from adapter.config import preset
 from adapter.model import Transformer
 
@@ -58,3 +63,51 @@ def ray_head_cluster():
 
     with ray_head() as cluster:
         yield cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVE_LIMIT = 400  # max_tokens_limit of the `server` apps: long enough for a stream to be cut off mid-way
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster, tmp_path_factory):
+    """Shared by the Serve and playground tests (each start costs ~25 s). Two apps: `llama` (open) and `secure` (API key, one KV slot, one waiting row, 4 KiB bodies)."""
+    from ray import serve
+
+    from serve.app import build_app, deployment_for
+    from serve.config import serve_config
+
+    stories = shared_file("stories260K/params.json").parent
+    root = tmp_path_factory.mktemp("adapters")
+    args = load_base(stories).args
+    # Two prompt lengths (4 and 7): requests for both share a batch.
+    for seed, k, path in ((1, 4, root / "alpha"), (2, 7, root / "beta.safetensors")):
+        torch.manual_seed(seed)
+        p = AdaptionPrompts(args, AdapterConfig(adapter_len=k, adapter_layers=3))
+        with torch.no_grad():
+            p.gate.uniform_(0.5, 1.0)
+            p.prompt.mul_(6)  # prompts start N(0, 1); x6 makes the change to the output plain
+        save_adapter(p, args, path)
+    (root / "junk.txt").write_text("not an adapter")
+    h = json.dumps({"__metadata__": {"format": "llama-adapter", "adapter_config": "{oops", "base_shape": "{}"}})
+    (root / "broken.safetensors").write_bytes(len(h).to_bytes(8, "little") + h.encode())
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Server defaults for what a request leaves out: greedy, 6 tokens (checked below).
+    cfg = serve_config({"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
+                        "sampling": {"max_gen_len": 6, "temperature": 0.0}, "adapters": str(root),
+                        "base_name": "stories260k", "max_tokens_limit": SERVE_LIMIT, "max_n": 3}).model_dump(mode="json")
+    serve.run(build_app(cfg), name="llama", route_prefix="/")
+    small = {**cfg, "api_key_env": "TEST_API_KEY", "max_batch_size": 1, "max_waiting": 1, "max_body_bytes": 4096}
+    secure = deployment_for(serve_config(small)).options(
+        name="SecureServer", ray_actor_options={"runtime_env": {"env_vars": {"TEST_API_KEY": "sekrit"}}})
+    serve.run(secure.bind(small), name="secure", route_prefix="/secure")
+    base_url = f"http://127.0.0.1:{port}"
+    yield base_url
+    serve.delete("llama")
+    serve.delete("secure")
