@@ -117,6 +117,8 @@ def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.f
         if tuple(tensors[name].shape) != want:
             raise AdapterFileError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                    f"expected {want} for this base and config {config}")
+        if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+            raise AdapterFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
     # The projection stays fp32 beside fp32 prompts, whatever `dtype` the prompts are asked in.
     prompts.load_state_dict({k: tensors[k].to(device=device, dtype=dtype if k in ("prompt", "gate") else torch.float32)
                              for k in expected}, assign=True)
@@ -206,7 +208,12 @@ def _header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise AdapterFileError(f"{path}: corrupt safetensors header (not JSON)") from None
-    data_end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise AdapterFileError(f"{path}: corrupt safetensors header (not a JSON object)")
+    try:
+        data_end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise AdapterFileError(f"{path}: corrupt safetensors header (a tensor without valid data_offsets)") from None
     if 8 + n + data_end > size:
         raise AdapterFileError(f"{path}: truncated adapter file ({size} bytes, needs {8 + n + data_end})")
     return header

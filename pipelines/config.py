@@ -130,6 +130,8 @@ class EvalConfig(Section):
 
 
 class PreprocessConfig(Section):
+    # Which data the job reads: Alpaca-style instructions, or the multimodal sets (METHOD.md section 7).
+    task: Literal["alpaca", "scienceqa", "coco"] = "alpaca"
     model: ModelConfig
     data: DataConfig
     ray: RaySection = RaySection()
@@ -137,8 +139,7 @@ class PreprocessConfig(Section):
 
 class TrainConfig(PreprocessConfig):
     name: str = "adapter-run"
-    # Multimodal (METHOD.md section 7): which data the job reads, and the frozen image encoder.
-    task: Literal["alpaca", "scienceqa", "coco"] = "alpaca"
+    # Multimodal (METHOD.md section 7): the frozen image encoder and the sets' own settings.
     vision: VisionConfig | None = None
     scienceqa: ScienceQAData = ScienceQAData()
     coco: CocoData = CocoData()
@@ -162,4 +163,4 @@ class TrainConfig(PreprocessConfig):
 
 
 def preprocess_part(cfg: TrainConfig) -> PreprocessConfig:
-    return PreprocessConfig(model=cfg.model, data=cfg.data, ray=cfg.ray)
+    return PreprocessConfig(task=cfg.task, model=cfg.model, data=cfg.data, ray=cfg.ray)

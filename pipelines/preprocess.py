@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> dict:
     # A training config holds more sections than this job reads; they are left to the training job.
     cfg = config_from_args(PreprocessConfig, ap.parse_args(argv),
                            ignore=set(TrainConfig.model_fields) - set(PreprocessConfig.model_fields))
+    if cfg.task != "alpaca":
+        ap.error(f"this config's task is {cfg.task!r}: its data is prepared by `python -m pipelines.{cfg.task}` "
+                 "(or by pipelines.train), not by the instruction-data job")
     connect(cfg.ray)
     out = project_path(cfg.data.out)
     print(f"[preprocess] {cfg.data.source} -> {out}", flush=True)

@@ -79,3 +79,25 @@ def test_v1_import_uses_raw_gates(tmp_path):
     assert p.config.gate_activation == "identity"
     assert torch.equal(p.activated_gate()[0], sd[f"layers.{ARGS.n_layers - n}.attention.gate"].reshape(-1))
     assert torch.equal(p.prompt.reshape(n * k, ARGS.dim), sd["adapter_query.weight"])
+
+
+def test_malformed_headers_and_values_are_refused_by_name(tmp_path):
+    import json as _json
+
+    def raw(name, header: bytes, payload: bytes = b""):
+        path = tmp_path / name
+        path.write_bytes(len(header).to_bytes(8, "little") + header + payload)
+        return path
+
+    with pytest.raises(AdapterFileError, match="not a JSON object"):
+        load_adapter(raw("list.safetensors", b"[1, 2]"), ARGS)
+    with pytest.raises(AdapterFileError, match="not a JSON object"):
+        load_adapter(raw("meta.safetensors", _json.dumps({"__metadata__": [1]}).encode()), ARGS)
+    with pytest.raises(AdapterFileError, match="data_offsets"):
+        load_adapter(raw("offsets.safetensors", _json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode()), ARGS)
+    p = _prompts()
+    with torch.no_grad():
+        p.prompt[0, 0, 0] = float("nan")
+    save_adapter(p, ARGS, tmp_path / "nan")
+    with pytest.raises(AdapterFileError, match="'prompt' holds NaN or infinite values"):
+        load_adapter(tmp_path / "nan", ARGS)

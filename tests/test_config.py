@@ -162,3 +162,11 @@ def test_an_output_folder_is_never_lost_while_being_replaced(tmp_path, monkeypat
     replace_dir(new, shutil_target)
     assert (shutil_target / "new.txt").is_file() and not (shutil_target / "old.txt").exists()
     assert not list(tmp_path.glob("out2.old-*"))
+
+
+def test_preprocess_job_refuses_a_multimodal_config(capsys):
+    from pipelines.preprocess import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "scienceqa-tiny-cpu"])
+    assert e.value.code == 2 and "pipelines.scienceqa" in capsys.readouterr().err
