@@ -147,8 +147,10 @@ class Attention(nn.Module):
         if prefix is not None:
             # Zero-init attention: the prompt gets its own softmax (no mask, no rotary), scaled by
             # the gate, so with gate 0 the layer is exactly the base layer.
-            p = attend(q, prefix.k.type_as(q), prefix.v.type_as(q), rep,
-                       None if prefix.mask is None else prefix.mask[:, None, None, :])
+            pk, pv = prefix.k.type_as(q), prefix.v.type_as(q)
+            if pk.shape[0] != q.shape[0]:  # one prompt for the whole batch (training): fused kernels
+                pk, pv = (t.expand(q.shape[0], -1, -1, -1).contiguous() for t in (pk, pv))  # want equal batches
+            p = attend(q, pk, pv, rep, None if prefix.mask is None else prefix.mask[:, None, None, :])
             out = out + prefix.gate[:, :, None, None].type_as(out) * p
         return self.wo(out.transpose(1, 2).flatten(2))
 
