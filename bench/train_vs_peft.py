@@ -24,7 +24,7 @@ SHAPE = dict(dim=512, n_layers=8, n_heads=8, vocab=32000, ffn=1536, adapter_len=
 
 def real_records(n: int, max_seq_len: int) -> tuple[list, list]:
     raw = [json.dumps(r) for r in json.loads((SHARED_DATA / "alpaca_data.json").read_text())[: n + 50]]
-    tb = TokenizeBatch(str(SHARED_DATA / "tokenizer.model"), max_seq_len, np.array([], dtype=np.int64))
+    tb = TokenizeBatch(str(SHARED_DATA / "tokenizer.model"), max_seq_len)
     out = tb(pa.table({"idx": list(range(len(raw))), "raw": raw}))
     rows = [r for r in out.to_pylist() if not r["reject_reason"]][:n]
     return [r["input_ids"] for r in rows], [r["labels"] for r in rows]

@@ -141,7 +141,7 @@ def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: 
 
 def from_rows(rows: list[dict], block_size: int = 500):
     """A Ray dataset of the job's input rows, one block per slice (no repartition task: on a
-    1-CPU cluster it would wait behind the actor holding that CPU, as pipelines/preprocess.py notes)."""
+    1-CPU cluster it would wait behind an actor holding that CPU)."""
     import ray
 
     table = pa.Table.from_pylist(rows)

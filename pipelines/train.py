@@ -43,8 +43,9 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def prepare_data(cfg: TrainConfig) -> dict:
-    """The preprocessed data for this config: reused when it was built with the same input file,
-    tokenizer and settings, rebuilt (and the reason printed) otherwise. Returns its stats."""
+    """The preprocessed data for this config: reused when it was built from the same input (file
+    contents, or a folder's listing), tokenizer and settings, rebuilt (and the reason printed)
+    otherwise. Returns its stats."""
     if cfg.task != "alpaca":
         return prepare_multimodal_data(cfg)
     from pipelines import preprocess
