@@ -23,6 +23,7 @@ import pyarrow as pa
 from adapter.adapter import IGNORE_INDEX
 from adapter.settings import save_config
 from adapter.vision import ImageError, decode_image
+from pipelines.data_source import sha256_of
 from pipelines.folders import fresh_tmp, replace_dir
 
 FORMAT_VERSION = 1  # bump when the records written change meaning
@@ -35,12 +36,7 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = sha256_of  # one hashing routine for every input file (pipelines/data_source.py)
 
 
 def listing_digest(paths: list[Path]) -> str:

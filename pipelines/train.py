@@ -45,45 +45,32 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def prepare_data(cfg: TrainConfig) -> dict:
     """The preprocessed data for this config: reused when it was built from the same input (file
     contents, or a folder's listing), tokenizer and settings, rebuilt (and the reason printed)
-    otherwise. Returns its stats."""
-    if cfg.task != "alpaca":
-        return prepare_multimodal_data(cfg)
-    from pipelines import preprocess
+    otherwise. Alpaca-style data by pipelines/preprocess.py, ScienceQA / COCO by their own jobs,
+    all in the layout the trainer reads. Returns its stats."""
+    from pipelines import coco, preprocess, scienceqa
     from pipelines.data_source import fetch
 
-    pp = preprocess_part(cfg)
+    if cfg.task == "alpaca":
+        pp = preprocess_part(cfg)
+        expected = preprocess.fingerprint(pp, fetch(cfg.data.source, cfg.data.sha256))
+        build = lambda: preprocess.run(pp)  # noqa: E731
+    else:
+        job = {"scienceqa": scienceqa, "coco": coco}[cfg.task]
+        expected = job.fingerprint(cfg)
+        build = lambda: job.run(cfg)  # noqa: E731
     out = Path(cfg.data.out)
-    expected = preprocess.fingerprint(pp, fetch(cfg.data.source, cfg.data.sha256))
     changed = preprocess.changed_settings(out, expected)
+    what = "" if cfg.task == "alpaca" else f"{cfg.task} "
     if changed == []:
-        print(f"[train] preprocessed data found at {out} (same input and settings); reusing it", flush=True)
+        print(f"[train] preprocessed {what}data found at {out} (same input and settings); reusing it", flush=True)
     else:
         why = f"it was built with other settings ({'; '.join(changed)})" if changed else "none found"
-        print(f"[train] preprocessing {cfg.data.source} -> {out} ({why})", flush=True)
-        stats = preprocess.run(pp)
+        print(f"[train] preprocessing {what}{cfg.data.source} -> {out} ({why})", flush=True)
+        stats = build()
         print(f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
               f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
-              f"{stats['records_rejected']:,} rejected, {stats['seconds']} s", flush=True)
-    return json.loads((out / "stats.json").read_text())
-
-
-def prepare_multimodal_data(cfg: TrainConfig) -> dict:
-    """ScienceQA / COCO records from their own Ray Data jobs, in the layout the trainer reads."""
-    from pipelines import coco, scienceqa
-    from pipelines.preprocess import changed_settings
-
-    job = {"scienceqa": scienceqa, "coco": coco}[cfg.task]
-    out = Path(cfg.data.out)
-    changed = changed_settings(out, job.fingerprint(cfg))
-    if changed == []:
-        print(f"[train] preprocessed {cfg.task} data found at {out} (same input and settings); reusing it", flush=True)
-    else:
-        why = f"it was built with other settings ({'; '.join(changed)})" if changed else "none found"
-        print(f"[train] preprocessing {cfg.task} {cfg.data.source} -> {out} ({why})", flush=True)
-        stats = job.run(cfg)
-        print(f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
-              f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
-              f"{stats['records_rejected']:,} rejected {stats['rejected_by_reason']}, {stats['seconds']} s", flush=True)
+              f"{stats['records_rejected']:,} rejected {stats['rejected_by_reason']}, {stats['seconds']} s",
+              flush=True)
     return json.loads((out / "stats.json").read_text())
 
 
