@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize", "multimodal")
+SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize", "multimodal", "decode")
 
 
 def run_suite(name: str, quick: bool = False) -> dict:
@@ -27,6 +27,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.quantize_bench import run  # fp32 / bf16 / int8 / int4 base: bytes, loss, agreement, CPU speed
     elif name == "multimodal":
         from bench.multimodal_bench import run  # COCO evaluation images/s; ScienceQA 8 x A100 projection
+    elif name == "decode":
+        from bench.decode_bench import run  # greedy decoding tokens/s, ours vs Hugging Face generate
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return run(quick=quick)
