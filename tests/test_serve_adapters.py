@@ -60,7 +60,7 @@ def test_every_layout_is_listed_and_served(root, tiny_model):
 
 @pytest.mark.parametrize("name,needle", [
     ("badjson", "bad adapter metadata"), ("nokey", "lacks"), ("unknownkey", "colour"), ("lenzero", "adapter_len"),
-    ("listheader", "unreadable"), ("pickle", "pickle"), ("truncated", "truncated"), ("nan", "NaN"),
+    ("listheader", "not a JSON object"), ("pickle", "pickle"), ("truncated", "truncated"), ("nan", "NaN"),
     ("otherbase", "different base"),
 ])
 def test_malformed_adapter_files_are_named_without_server_paths(root, tiny_model, name, needle):
