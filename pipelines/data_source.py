@@ -13,6 +13,7 @@ Only the listing happens here (on the driver); the files are read by Ray Data's 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import hashlib
 import os
@@ -59,6 +60,15 @@ class Source:
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256, read once per process while its size and mtime stay the same: a training
+    job that rebuilds its data checks the download, fingerprints it, and the preprocessing job
+    does both again; a multi-GB file was read four times."""
+    st = os.stat(path)
+    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
