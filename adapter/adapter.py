@@ -1,8 +1,8 @@
 """LLaMA-Adapter: adaption prompts on the top L layers with zero-init, per-head gates.
 
-The whole method (METHOD.md sections 2-3) is this file: a (L, K, dim) prompt table and an (L,
-n_heads) gate table. For each adapted layer the prompt goes through that layer's frozen wk / wv
-(no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
+The method for LLaMA (METHOD.md sections 2-3): a (L, K, dim) prompt table and an (L, n_heads)
+gate table (adapter/zero_init.py, shared with the ViT and RoBERTa adapters). For each adapted
+layer the prompt goes through that layer's frozen wk / wv (no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
 start at 0, so an untrained adapter leaves the base model's outputs exactly unchanged.
 Multimodal (section 7): an optional projection turns image features into one token that is added
 to every adapted layer's prompt (the encoder and projection live in adapter/vision.py).
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from adapter.config import ModelArgs
-from adapter.model import PromptKV, Transformer, build_on_meta
+from adapter.model import Transformer, build_on_meta
+from adapter.zero_init import GATE_ACTIVATIONS, GatedPrompts, PromptKV
 
 IGNORE_INDEX = -100  # label for positions outside the loss (not 0: that is a real token, <unk>)
 
@@ -37,8 +38,8 @@ class AdapterConfig:
             raise ValueError(f"adapter_len and adapter_layers must be >= 1, got {self}")
         if not 0 < self.init_std < float("inf"):
             raise ValueError(f"init_std must be a positive number, got {self.init_std}")
-        if self.gate_activation not in ("tanh", "identity"):
-            raise ValueError(f"gate_activation must be 'tanh' or 'identity', got {self.gate_activation!r}")
+        if self.gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
 
     def layers_for(self, args: ModelArgs) -> int:
         return min(self.adapter_layers, args.n_layers)
@@ -47,29 +48,23 @@ class AdapterConfig:
         return asdict(self)
 
 
-class AdaptionPrompts(nn.Module):
-    """The trainable part: prompts (L, K, dim) and gates (L, n_heads), for one base shape."""
+class AdaptionPrompts(GatedPrompts):
+    """The trainable part for one LLaMA shape: prompts (L, K, dim) and gates (L, n_heads)."""
 
     def __init__(self, args: ModelArgs, config: AdapterConfig = AdapterConfig(),
                  dtype: torch.dtype = torch.float32, device=None, projection: nn.Module | None = None):
-        super().__init__()
+        n_adapted = config.layers_for(args)
+        super().__init__(n_adapted, config.adapter_len, args.dim, args.n_heads, config.init_std,
+                         config.gate_activation, dtype, device)
         self.config = config
         self.n_layers = args.n_layers
-        n_adapted = config.layers_for(args)
         self.first_layer = args.n_layers - n_adapted
-        self.prompt = nn.Parameter(torch.empty(n_adapted, config.adapter_len, args.dim, dtype=dtype, device=device))
-        self.gate = nn.Parameter(torch.zeros(n_adapted, args.n_heads, dtype=dtype, device=device))
-        if self.prompt.device.type != "meta":
-            nn.init.normal_(self.prompt, std=config.init_std)
         # Multimodal only: image features -> one (dim,) token per image (adapter/vision.py).
         self.projection = projection
 
     @property
     def adapted_layers(self) -> range:
         return range(self.first_layer, self.n_layers)
-
-    def activated_gate(self) -> torch.Tensor:
-        return torch.tanh(self.gate) if self.config.gate_activation == "tanh" else self.gate
 
     def image_tokens(self, features: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """(B, F) image features -> (B, dim) image tokens; rows where `present` is False get 0 (no image)."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapter.config import ModelArgs
+from adapter.zero_init import PromptKV, attend, gated_prompt_attention
 
 
 class RMSNorm(nn.Module):
@@ -49,22 +50,6 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs[:, None]).flatten(-2).type_as(x)
-
-
-@dataclass
-class PromptKV:
-    """Keys/values of an adaption prompt for one layer, and its already-activated gate.
-
-    k, v: (B or 1, n_kv_heads, K, head_dim); gate: (B or 1, n_heads). Rows with gate 0 get
-    exactly nothing from the prompt, which is how a mixed batch includes plain base-model rows.
-    mask: optional (B, K) bool, the prompt slots each row attends to: adapters with different
-    prompt lengths share a batch by padding to the longest K and masking the rest per row.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    gate: torch.Tensor
-    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,22 +89,6 @@ class KVCache:
         return view
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Grouped-query attention: each kv head serves n_rep query heads."""
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
-# torch >= 2.5 attends grouped-query heads itself: no copy of the whole cache per step.
-_NATIVE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
-
-
-def attend(q, k, v, rep: int, mask=None, is_causal: bool = False) -> torch.Tensor:
-    if rep == 1 or not _NATIVE_GQA:
-        return F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask,
-                                              is_causal=is_causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -144,14 +113,8 @@ class Attention(nn.Module):
             k, v = cache.update(start, k, v)
         rep = self.n_heads // self.n_kv_heads
         out = attend(q, k, v, rep, mask, is_causal=mask is None)
-        if prefix is not None:
-            # Zero-init attention: the prompt gets its own softmax (no mask, no rotary), scaled by
-            # the gate, so with gate 0 the layer is exactly the base layer.
-            pk, pv = prefix.k.type_as(q), prefix.v.type_as(q)
-            if pk.shape[0] != q.shape[0]:  # one prompt for the whole batch (training): fused kernels
-                pk, pv = (t.expand(q.shape[0], -1, -1, -1).contiguous() for t in (pk, pv))  # want equal batches
-            p = attend(q, pk, pv, rep, None if prefix.mask is None else prefix.mask[:, None, None, :])
-            out = out + prefix.gate[:, :, None, None].type_as(out) * p
+        if prefix is not None:  # zero-init attention: the prompt's own softmax, no rotary, gated
+            out = out + gated_prompt_attention(q, prefix, rep)
         return self.wo(out.transpose(1, 2).flatten(2))
 
 
