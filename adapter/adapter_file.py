@@ -67,7 +67,14 @@ def save_adapter(prompts: AdaptionPrompts, args: ModelArgs, path: str | Path, ex
 def read_metadata(path: str | Path) -> dict:
     """The metadata of an adapter file, checked to be ours; raises AdapterFileError otherwise."""
     path = _resolve(path)
-    raw = _header(path)
+    with open(path, "rb") as f:
+        return metadata_of(f, path.stat().st_size, path)
+
+
+def metadata_of(f, size: int, path: str | Path) -> dict:
+    """`read_metadata` for an open binary file of `size` bytes (a remote one: only the header is
+    read); `path` names it in messages."""
+    raw = _header(f, size, path)
     meta = raw.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
         raise AdapterFileError(f"{path}: a safetensors file but not a LLaMA-Adapter file (format={meta.get('format')!r})")
@@ -192,22 +199,20 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def _header(path: Path) -> dict:
+def _header(f, size: int, path: str | Path) -> dict:
     """Parse the safetensors header ourselves, so a pickle or truncated file gets a clear name."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = path.stat().st_size
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise AdapterFileError(f"{path}: a pickle / torch.save file, refused (adapters are safetensors only)")
-        if len(head) < 8:
-            raise AdapterFileError(f"{path}: truncated or empty adapter file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise AdapterFileError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise AdapterFileError(f"{path}: corrupt safetensors header (not JSON)") from None
+    head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise AdapterFileError(f"{path}: a pickle / torch.save file, refused (adapters are safetensors only)")
+    if len(head) < 8:
+        raise AdapterFileError(f"{path}: truncated or empty adapter file ({size} bytes)")
+    n = int.from_bytes(head, "little")
+    if n <= 0 or 8 + n > size:
+        raise AdapterFileError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFileError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise AdapterFileError(f"{path}: corrupt safetensors header (not a JSON object)")
     try:

@@ -397,7 +397,7 @@ class AdapterRecipe:
             self.engine.save_checkpoint(str(ds_dir), tag=tag, save_latest=False)
             write_manifest(ds_dir, self.rank)
             if self.rank == 0:
-                save_adapter(self.prompts, self.base.args, Path(tmp), extra={"step": self.step})
+                save_adapter(self.prompts, self.base.args, Path(tmp), extra={"step": self.step, "task": self.cfg.task})
                 # Written last: its presence marks a complete checkpoint.
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
                     {"step": self.step, "ds_tag": tag, "val_loss": val_loss, "settings": self.settings}))

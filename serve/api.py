@@ -86,10 +86,40 @@ class CompletionRequest(_Request):
     prompt: Text | list[Text]
 
 
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: Text
+    detail: Literal["auto", "low", "high"] | None = None  # accepted: one global feature either way
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Text
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Text | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
 
 
 class ChatRequest(_Request):
@@ -97,15 +127,30 @@ class ChatRequest(_Request):
     max_completion_tokens: StrictInt | None = None
 
 
-def render_chat(messages: list[ChatMessage]) -> str:
-    """The last user message is the Alpaca instruction; system text and earlier turns, if any,
-    become its input (Alpaca has no multi-turn format of its own)."""
+def render_chat(messages: list[ChatMessage], template: str = "alpaca") -> str:
+    """The prompt for a chat. "alpaca": the last user message is the Alpaca instruction; system
+    text and earlier turns, if any, become its input (Alpaca has no multi-turn format of its own).
+    "raw": the last user message as it is (ScienceQA adapters were trained on their own
+    "Question: ... Answer:" text, not on the template)."""
     users = [i for i, m in enumerate(messages) if m.role == "user"]
     if not users:
         raise ValueError("messages must contain at least one message with role 'user'")
     last = users[-1]
-    context = [f"{m.role}: {m.content}" if m.role != "system" else m.content for m in messages[:last]]
-    return format_prompt(messages[last].content, "\n".join(context))
+    if template == "raw":
+        return messages[last].text()
+    context = [f"{m.role}: {m.text()}" if m.role != "system" else m.text() for m in messages[:last]]
+    return format_prompt(messages[last].text(), "\n".join(context))
+
+
+def chat_image(messages: list[ChatMessage]) -> str | None:
+    """The request's one image URL, if any: the adapter conditions on one image per prompt
+    (METHOD.md section 7), so more than one, or one outside a user message, is refused."""
+    found = [(m.role, url) for m in messages for url in m.image_urls()]
+    if len(found) > 1:
+        raise ValueError(f"this server takes one image per request; the messages hold {len(found)}")
+    if found and found[0][0] != "user":
+        raise ValueError(f"an image must be in a user message, not in a {found[0][0]!r} message")
+    return found[0][1] if found else None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -6,7 +6,8 @@
 Routes (no `from __future__ import annotations` here: FastAPI must see real types): POST
 /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events), GET
 /v1/models, GET /health. The request's `model` names an adapter from the adapter root, or the base
-by its configured name. Requests join the replica's continuously batched engine
+by its configured name. A chat may carry one image (an `image_url` part with a data: URI) for a
+multimodal adapter when the config has a `vision:` encoder (serve/images.py). Requests join the replica's continuously batched engine
 (serve/engine.py) as rows. Everything a request can get wrong is refused before it joins, with an
 OpenAI-shaped 4xx; a full engine answers 503 with Retry-After. The API key and the body limit are
 checked before the body is read (serve/guard.py); /docs and /openapi.json are off.
@@ -36,13 +37,15 @@ from adapter.adapter_file import AdapterFileError
 from adapter.generation import SamplingParams
 from adapter.loader import load_model
 from adapter.settings import project_path
-from serve.adapters import AdapterStore, InvalidAdapterName, UnknownAdapter
-from serve.api import (ChatRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
+from adapter.vision import ImageEncoder, ImageError, features_for
+from serve.adapters import AdapterStore, InvalidAdapterName, LoadedAdapter, UnknownAdapter
+from serve.api import (ChatRequest, CompletionRequest, chat_chunk, chat_image, chat_response, completion_chunk,
                        completion_response, error_body, new_id, render_chat, usage_chunk)
 from serve.config import ServeConfig, serve_config
 from serve.engine import ContextOverflow, Engine, EngineFull, Sequence
 from serve.engine_loop import EngineLoop
 from serve.guard import GuardSettings, RequestGuard, configure
+from serve.images import ImageRequestError, image_bytes
 from serve.text import TextStream
 
 log = logging.getLogger("ray.serve")
@@ -129,8 +132,10 @@ class AdapterServer:
         loaded = load_model(cfg.model, device=cfg.model.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
         log.info("LLaMA-Adapter replica: %s on %s (%s)", loaded.note, loaded.device, loaded.dtype)
         self.base, self.tok = loaded.base, loaded.tokenizer
+        # Multimodal adapters (METHOD.md section 7): one frozen image encoder per replica, if configured.
+        self.encoder = None if cfg.vision is None else ImageEncoder(cfg.vision, loaded.device, loaded.dtype)
         self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters,
-                                     cfg.max_adapter_bytes)
+                                     cfg.max_adapter_bytes, self.encoder.identity if self.encoder else None)
         self.engine = Engine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.max_waiting)
         self.loop = EngineLoop(self.engine)
 
@@ -179,7 +184,8 @@ class AdapterServer:
         except Exception as e:
             raise ApiError(400, f"{param} could not be tokenized ({type(e).__name__})", param) from None
 
-    async def _prefixes(self, model: str):
+    async def _adapter(self, model: str) -> LoadedAdapter | None:
+        """The adapter a request names (None: the base model)."""
         if model == self.cfg.base_name:
             return None
         try:
@@ -192,9 +198,26 @@ class AdapterServer:
         except AdapterFileError as e:
             raise ApiError(500, f"adapter could not be loaded: {e}", "model", "adapter_unloadable") from None
 
-    async def _admit(self, body, texts: list[str], param: str, max_tokens: int | None):
-        """Check, tokenize, and queue every row of a request: (prompt token counts, rows)."""
-        self._check_request(body, len(texts))
+    async def _image_prefixes(self, model: str, adapter: LoadedAdapter | None, url: str):
+        """The row's prompt keys/values with this image's token added (METHOD.md section 7):
+        decoded, encoded and projected in a worker thread, so the engine loop never waits on it."""
+        if adapter is None:
+            raise ApiError(400, f"model {model!r} is the base model without an adapter: it cannot take images",
+                           "messages", "image_not_supported")
+        if adapter.image_refusal is not None:
+            raise ApiError(400, adapter.image_refusal, "messages", "image_not_supported")
+        try:
+            data = image_bytes(url, self.cfg.max_image_bytes)
+            return await asyncio.to_thread(self._encode_image, adapter, data)
+        except (ImageRequestError, ImageError) as e:
+            raise ApiError(400, f"image: {e}", "messages", "invalid_image") from None
+
+    def _encode_image(self, adapter: LoadedAdapter, data: bytes):
+        features, _ = features_for(self.encoder, [data])
+        return adapter.prefixes_for_image(self.base, features)
+
+    async def _admit(self, body, texts: list[str], param: str, max_tokens: int | None, prefixes):
+        """Tokenize, check, and queue every row of a request: (prompt token counts, rows)."""
         encoded = await asyncio.to_thread(self._encode_all, texts, param)
         params = self._sampling(body, max_tokens, max(len(e) for e in encoded))
         for ids in encoded:
@@ -202,7 +225,6 @@ class AdapterServer:
                 self.engine.check(len(ids), params)
             except ContextOverflow as e:
                 raise ApiError(400, str(e), param, "context_length_exceeded") from None
-        prefixes = await self._prefixes(body.model)
         stop = body.stop_list()
         rows: list[Sequence] = []
         try:
@@ -253,11 +275,12 @@ class AdapterServer:
     @app.get("/v1/models")
     async def models(self):
         names = [self.cfg.base_name] + await asyncio.to_thread(self.adapters.available)
+        images = set(await asyncio.to_thread(lambda: [n for n in names[1:] if self.adapters.takes_images(n)]))
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": now, "owned_by": "llama-adapter",
              "loaded": n == self.cfg.base_name or n in self.adapters.loaded,
-             "multimodal": False} for n in names]}  # images are not served yet (the page hides its control)
+             "multimodal": n != self.cfg.base_name and n in images} for n in names]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
@@ -265,7 +288,10 @@ class AdapterServer:
         if not prompts or len(prompts) > self.cfg.max_prompts_per_request:
             raise ApiError(400, f"prompt must be a string or a list of 1 to "
                                 f"{self.cfg.max_prompts_per_request} strings", "prompt")
-        prompt_tokens, rows = await self._admit(body, prompts, "prompt", body.max_tokens)
+        self._check_request(body, len(prompts))
+        adapter = await self._adapter(body.model)
+        prompt_tokens, rows = await self._admit(body, prompts, "prompt", body.max_tokens,
+                                                adapter.prefixes if adapter else None)
         rid = new_id("cmpl")
         if body.stream:
             return StreamingResponse(self._stream(rows[0], rid, body, prompt_tokens[0], chat=False),
@@ -277,11 +303,17 @@ class AdapterServer:
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        self._check_request(body, 1)
+        adapter = await self._adapter(body.model)
         try:
-            prompt = render_chat(body.messages)
+            image = chat_image(body.messages)
+            prompt = render_chat(body.messages, adapter.template if adapter else "alpaca")
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
-        prompt_tokens, rows = await self._admit(body, [prompt], "messages", max_tokens)
+        prefixes = adapter.prefixes if adapter else None
+        if image is not None:
+            prefixes = await self._image_prefixes(body.model, adapter, image)
+        prompt_tokens, rows = await self._admit(body, [prompt], "messages", max_tokens, prefixes)
         rid = new_id("chatcmpl")
         if body.stream:
             return StreamingResponse(self._stream(rows[0], rid, body, prompt_tokens[0], chat=True),

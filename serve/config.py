@@ -16,6 +16,7 @@ from pydantic import Field
 
 from adapter.generation import SamplingParams
 from adapter.settings import ModelSource, Section, apply_overrides, load_config, parse_value
+from adapter.vision import VisionConfig
 
 
 class ServeConfig(Section):
@@ -33,7 +34,12 @@ class ServeConfig(Section):
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompts_per_request: int = Field(8, ge=1)
     max_n: int = Field(4, ge=1, description="largest `n` (choices per prompt) a request may ask for")
-    max_body_bytes: int = Field(2**20, ge=1, description="larger request bodies get 413")
+    max_body_bytes: int = Field(2**20, ge=1, description="larger request bodies get 413 (an inline image counts: "
+                                                         "base64 is 4/3 of the image's bytes)")
+    vision: VisionConfig | None = Field(
+        None, description="the image encoder multimodal adapters were trained with (the training config's "
+                          "`vision:`); without it, adapters answer text only")
+    max_image_bytes: int = Field(4 * 2**20, ge=1, description="a larger image (decoded bytes) gets 400")
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the API key; the replica refuses to "
                           "start when it is named but unset or empty. None: no key required")

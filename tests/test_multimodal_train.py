@@ -153,3 +153,112 @@ def test_generate_cli_with_an_image(trained, tmp_path, capsys):
         main([*common, "--adapter", summary["adapter"], "--image", str(tmp_path / "bad.png"),
               "--encoder", cfg.vision.encoder])
     assert "not a readable image" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def served(trained, server):
+    """The trained multimodal adapter behind the Serve app (a third app beside the session's two),
+    with the tiny CLIP tower as the server's encoder and a text-only adapter in the same root."""
+    from ray import serve
+
+    from adapter.adapter import AdapterConfig, AdaptionPrompts
+    from adapter.adapter_file import save_adapter
+    from serve.app import build_app
+
+    cfg, summary, tmp = trained
+    base = load_base(cfg.model.base)
+    save_adapter(AdaptionPrompts(base.args, AdapterConfig(4, 3)), base.args, tmp / "runs" / "plain.safetensors")
+    app_cfg = {"model": {"base": cfg.model.base, "tokenizer": cfg.model.tokenizer}, "adapters": str(tmp / "runs"),
+               "base_name": "stories260k", "vision": cfg.vision.model_dump(mode="json"),
+               "max_image_bytes": 300_000, "sampling": {"max_gen_len": 8, "temperature": 0.0}}
+    serve.run(build_app(app_cfg), name="mm", route_prefix="/mm")
+    yield f"{server}/mm"
+    serve.delete("mm")
+
+
+def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_chat(model: str, url: str, text: str = "Generate a caption for this image.") -> dict:
+    return {"model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def test_served_multimodal_adapter_answers_an_image_url_request_over_http(trained, served):
+    openai = pytest.importorskip("openai", reason="the openai client is a test-only dependency")
+    from adapter.generation import SamplingParams, generate
+    from adapter.prompts import format_prompt
+    from adapter.tokenizer import Tokenizer
+
+    cfg, summary, tmp = trained
+    jpeg = sorted((shared_file("coco-mini/val2017/000000000139.jpg").parent).glob("*.jpg"))[0].read_bytes()
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused")
+    listed = {m.id: m.model_extra.get("multimodal") for m in client.models.list().data}
+    assert listed["mm"] is True and listed["plain"] is False and listed["stories260k"] is False, listed
+    reply = client.chat.completions.create(**image_chat("mm", data_uri(jpeg)))
+    served_text = reply.choices[0].message.content
+    # The same request computed here with the same image: the server really used the image.
+    base, tok = load_base(cfg.model.base), Tokenizer(cfg.model.tokenizer)
+    encoder = ImageEncoder(cfg.vision)
+    adapter = load_adapter(summary["adapter"], base.args, encoder=encoder.identity)
+    feats, _ = features_for(encoder, [jpeg])
+    with torch.no_grad():
+        with_image = adapter.prefixes(base, adapter.image_tokens(feats))
+        without = adapter.prefixes(base)
+    assert not torch.equal(with_image[base.args.n_layers - 1].k, without[base.args.n_layers - 1].k)
+    prompt = tok.encode(format_prompt("Generate a caption for this image."), bos=True)
+    local = generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id,
+                     adapters=[with_image])[0]
+    assert served_text == tok.decode(local), (served_text, tok.decode(local))
+    blind = tok.decode(generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id,
+                                adapters=[without])[0])
+    print(f"\n[measured] served caption for {len(jpeg):,}-byte COCO image: {served_text!r} "
+          f"(without the image: {blind!r})")
+
+
+def test_image_requests_are_refused_with_a_message_and_neighbours_are_unaffected(trained, served):
+    import concurrent.futures
+
+    import httpx
+
+    jpeg = shared_file("coco-mini/val2017/000000000802.jpg").read_bytes()
+    ok = image_chat("mm", data_uri(jpeg))
+    text_row = {"model": "mm", "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": "Generate a caption for this image."}]}
+    bad = {
+        "remote URL": (image_chat("mm", "https://example.com/cat.jpg"), 400, "remote image URLs are not fetched"),
+        "text-only adapter": (image_chat("plain", data_uri(jpeg)), 400, "text-only adapter"),
+        "base model": (image_chat("stories260k", data_uri(jpeg)), 400, "cannot take images"),
+        "corrupt image": (image_chat("mm", data_uri(b"\xff\xd8\xff not a jpeg")), 400, "not a readable image"),
+        "truncated image": (image_chat("mm", data_uri(jpeg[: len(jpeg) // 2])), 400, "not a readable image"),
+        "oversized image": (image_chat("mm", data_uri(b"\0" * 400_000)), 400, "larger than this server's limit"),
+        "not base64": (image_chat("mm", "data:image/png;base64,@@@@"), 400, "not valid base64"),
+        "not an image type": (image_chat("mm", data_uri(jpeg, "text/html")), 400, "not image/*"),
+        "two images": ({**ok, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(jpeg)}},
+            {"type": "image_url", "image_url": {"url": data_uri(jpeg)}}]}]}, 400, "one image per request"),
+        "unknown part": ({**ok, "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}, 400, "input_audio"),
+        "body over the limit": (image_chat("mm", data_uri(b"\0" * 900_000)), 413, ""),
+    }
+    with httpx.Client(timeout=120) as http, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        solo = {"image": http.post(f"{served}/v1/chat/completions", json=ok).json(),
+                "text": http.post(f"{served}/v1/chat/completions", json=text_row).json()}
+        # Valid image and text rows in flight together with every bad request.
+        futures = {k: pool.submit(http.post, f"{served}/v1/chat/completions", json=b) for k, (b, _, _) in bad.items()}
+        good = [pool.submit(http.post, f"{served}/v1/chat/completions", json=b) for b in (ok, text_row) * 3]
+        for name, (_, status, message) in bad.items():
+            r = futures[name].result()
+            assert r.status_code == status, (name, r.status_code, r.text)
+            assert message in r.json()["error"]["message"], (name, r.text)
+        answers = [g.result() for g in good]
+    assert all(r.status_code == 200 for r in answers)
+    texts = [r.json()["choices"][0]["message"]["content"] for r in answers]
+    expected = [solo["image"]["choices"][0]["message"]["content"], solo["text"]["choices"][0]["message"]["content"]]
+    assert texts == expected * 3
+    batches = [max(int(x) for x in r.headers["x-batch-size"].split(",")) for r in answers]
+    assert max(batches) > 1, batches  # image and text rows shared decoding steps
