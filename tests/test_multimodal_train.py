@@ -262,3 +262,40 @@ def test_image_requests_are_refused_with_a_message_and_neighbours_are_unaffected
     assert texts == expected * 3
     batches = [max(int(x) for x in r.headers["x-batch-size"].split(",")) for r in answers]
     assert max(batches) > 1, batches  # image and text rows shared decoding steps
+
+
+def test_playground_sends_the_chosen_image_to_a_multimodal_adapter(trained, served, tmp_path):
+    """The page shows its image control for the multimodal adapter and sends the file inline;
+    its answer is the API's answer to the same image (headless Chromium, as tests/test_playground.py)."""
+    import httpx
+
+    from tests.test_playground import ARGS, CHROMIUM, SHOTS
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
+    if not shutil.os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found: Debian's chromium is installed by .ci/run")
+    jpeg = shared_file("coco-mini/val2017/000000000802.jpg")
+    expected = httpx.post(f"{served}/v1/chat/completions", timeout=120, json={
+        **image_chat("mm", data_uri(jpeg.read_bytes())), "max_tokens": 12}).json()["choices"][0]["message"]["content"]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(served + "/")
+        page.wait_for_function("document.querySelectorAll('#model-a option').length > 0", timeout=30_000)
+        page.select_option("#model-a", "plain")
+        assert page.is_hidden("#image-label")
+        page.select_option("#model-a", "mm")
+        assert page.is_visible("#image-label")
+        page.set_input_files("#image", str(jpeg))
+        page.fill("#instruction", "Generate a caption for this image.")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "12")
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#out-a .status').textContent.startsWith('done')",
+                               timeout=60_000)
+        assert not page.text_content("#out-a .error")
+        shown = page.text_content("#out-a .text")
+        page.screenshot(path=str(SHOTS / "image.png"))
+        browser.close()
+    assert shown == expected, (shown, expected)
