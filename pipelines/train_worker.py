@@ -76,23 +76,19 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, n_trainable: int) -> dic
 
 
 def read_shard(name: str) -> dict[str, np.ndarray | list]:
-    """This worker's whole share of a split, ordered by record index (so the order does not depend
-    on which block arrived first). Alpaca on 8 workers is about 3 MB of token ids per worker."""
+    """This worker's whole share of a split, every column, ordered by record index (so the order
+    does not depend on which block arrived first). Alpaca on 8 workers is about 3 MB of token ids
+    per worker; multimodal records add image bytes, encoder tasks their own columns."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(name)
-    idx, ids, labels, images = [], [], [], []
+    columns: dict[str, list] = defaultdict(list)
     for b in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
-        idx += b.column("idx").to_pylist()
-        ids += b.column("input_ids").to_pylist()
-        labels += b.column("labels").to_pylist()
-        if "image" in b.column_names:  # multimodal records (pipelines/multimodal_data.py)
-            images += b.column("image").to_pylist()
-    order = np.argsort(np.asarray(idx, dtype=np.int64), kind="stable")
-    out = {"idx": np.asarray(idx)[order], "input_ids": [ids[i] for i in order],
-           "labels": [labels[i] for i in order]}
-    if images:
-        out["image"] = [images[i] for i in order]
+        for c in b.column_names:
+            columns[c] += b.column(c).to_pylist()
+    order = np.argsort(np.asarray(columns["idx"], dtype=np.int64), kind="stable")
+    out = {c: [v[i] for i in order] for c, v in columns.items() if c != "idx"}
+    out["idx"] = np.asarray(columns["idx"])[order]
     return out
 
 
@@ -249,16 +245,25 @@ class AdapterRecipe:
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
-        import deepspeed
         import ray.train
         import ray.train.torch
 
-        cfg, o = self.cfg, self.cfg.optim
+        cfg = self.cfg
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.log = MetricsLog(self.run_dir, self.rank == 0)
         self.fault = FaultInjector(cfg.fail_at_step, self.run_dir / ".fault_injected", self.rank == self.world - 1)
+        self.build_model()
+        with self.timer("read_data"):
+            self.train, self.val = read_shard("train"), read_shard("val")
+        self.prepare_data()
+        self.setup_optimizer()
+
+    def build_model(self) -> None:
+        """The frozen base, the trainable module (`self.prompts`, the only thing DeepSpeed sees) and
+        the model that computes the loss."""
+        cfg = self.cfg
         with self.timer("load_model"):
             loaded = load_model(cfg.model, device=self.device)
         self.base, self.tok, self.base_note = loaded.base, loaded.tokenizer, loaded.note
@@ -266,16 +271,37 @@ class AdapterRecipe:
         if cfg.vision is not None:
             with self.timer("load_encoder"):
                 self.encoder = ImageEncoder(cfg.vision, device=self.device, dtype=loaded.dtype)
-        torch.manual_seed(o.seed)  # identical initial prompts (and projection) on every rank
+        torch.manual_seed(cfg.optim.seed)  # identical initial prompts (and projection) on every rank
         if self.encoder is not None:
             projection = self.encoder.projection(cfg.vision.proj_hidden, self.base.args.dim, device=self.device)
         self.prompts = AdaptionPrompts(self.base.args, cfg.model.adapter, device=self.device, projection=projection)
         self.model = AdaptedLlama(self.base, self.prompts)
-        with self.timer("read_data"):
-            self.train, self.val = read_shard("train"), read_shard("val")
+        self.n_adapted = cfg.model.adapter.layers_for(self.base.args)
+
+    def prepare_data(self) -> None:
+        """Per-record lengths (for length-grouped batches) and anything computed once per run."""
         with self.timer("encode_images"):
             self.train_images, self.val_images = self.encode_images(self.train), self.encode_images(self.val)
         self.lengths = np.array([len(x) for x in self.train["input_ids"]])
+
+    def adapter_settings(self) -> dict:
+        """What a checkpoint's adapter must share with the run that resumes from it."""
+        out = {"adapter": self.cfg.model.adapter.to_dict()}
+        if self.encoder is not None:
+            out["vision"] = self.encoder.identity
+        return out
+
+    def device_peak_flops(self) -> float | None:
+        if self.cfg.workers.peak_tflops:
+            return self.cfg.workers.peak_tflops * 1e12
+        if self.device.type != "cuda":
+            return None
+        return peak_flops_per_device(torch.cuda.get_device_name(self.device), self.base.tok_embeddings.weight.dtype)
+
+    def setup_optimizer(self) -> None:
+        import deepspeed
+
+        cfg, o = self.cfg, self.cfg.optim
         self.steps_per_epoch = len(self.lengths) // o.micro_batch_size // o.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"worker {self.rank} has {len(self.lengths)} training records: not one step of "
@@ -284,11 +310,12 @@ class AdapterRecipe:
         self.stop_at = min(self.total_steps, cfg.stop_at_step or self.total_steps)
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
         self.lr = o.peak_lr(self.world)
-        opt = torch.optim.AdamW(self.prompts.parameters(), lr=self.lr, betas=tuple(o.betas),
+        trainable = [p for p in self.prompts.parameters() if p.requires_grad]  # a gate fixed at 1 is not
+        opt = torch.optim.AdamW(trainable, lr=self.lr, betas=tuple(o.betas),
                                 weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_at(s, self.total_steps, warmup, self.lr, o.min_lr) / self.lr)
-        n_trainable = sum(p.numel() for p in self.prompts.parameters())
+        n_trainable = sum(p.numel() for p in trainable)
         with self.timer("deepspeed_init"):
             # Only the adapter goes in: DeepSpeed would otherwise broadcast the frozen base.
             self.engine, _, _, self.sched = deepspeed.initialize(
@@ -298,16 +325,11 @@ class AdapterRecipe:
         self.settings = {
             "world_size": self.world, "micro_batch_size": o.micro_batch_size, "grad_accum_steps": o.grad_accum_steps,
             "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "seed": o.seed, "group_by_length": o.group_by_length,
-            "peak_lr": self.lr, "min_lr": o.min_lr, "adapter": cfg.model.adapter.to_dict(),
-            "data_fingerprint": self.data_fingerprint,
+            "peak_lr": self.lr, "min_lr": o.min_lr, "data_fingerprint": self.data_fingerprint,
+            **self.adapter_settings(),
         }
-        if self.encoder is not None:
-            self.settings["vision"] = self.encoder.identity
-        peak = cfg.workers.peak_tflops * 1e12 if cfg.workers.peak_tflops else (
-            peak_flops_per_device(torch.cuda.get_device_name(self.device), self.base.tok_embeddings.weight.dtype)
-            if self.device.type == "cuda" else None)
+        peak = self.device_peak_flops()
         self.peak_flops = peak * self.world if peak else None
-        self.n_adapted = cfg.model.adapter.layers_for(self.base.args)
 
     # --- resume ---------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -326,15 +348,21 @@ class AdapterRecipe:
             self.engine.load_checkpoint(str(Path(d) / DS_DIR), tag=state["ds_tag"], load_module_strict=True,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             try:
-                saved = load_adapter(Path(d), self.base.args, device=self.device)
+                saved = self.read_adapter(Path(d))
             except AdapterFileError as e:
                 raise CheckpointError(str(e)) from None
             try:
                 with torch.no_grad():
-                    self.prompts.load_state_dict(saved.state_dict())  # prompts, gates (and projection)
+                    self.prompts.load_state_dict(saved)  # prompts, gates (and projection / head)
             except RuntimeError as e:
                 raise CheckpointError(f"{d}: adapter does not fit this run ({e})") from None
             self.step = int(state["step"])
+
+    def read_adapter(self, folder: Path) -> dict[str, torch.Tensor]:
+        return load_adapter(folder, self.base.args, device=self.device).state_dict()
+
+    def write_adapter(self, folder: Path) -> None:
+        save_adapter(self.prompts, self.base.args, folder, extra={"step": self.step, "task": self.cfg.task})
 
     # --- images (multimodal runs) ---------------------------------------------------------------
     def encode_images(self, split: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -397,7 +425,7 @@ class AdapterRecipe:
             self.engine.save_checkpoint(str(ds_dir), tag=tag, save_latest=False)
             write_manifest(ds_dir, self.rank)
             if self.rank == 0:
-                save_adapter(self.prompts, self.base.args, Path(tmp), extra={"step": self.step, "task": self.cfg.task})
+                self.write_adapter(Path(tmp))
                 # Written last: its presence marks a complete checkpoint.
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(
                     {"step": self.step, "ds_tag": tag, "val_loss": val_loss, "settings": self.settings}))
