@@ -13,7 +13,9 @@ from pydantic import Field, model_validator
 
 from adapter.generation import SamplingParams
 from adapter.settings import ModelConfig, Section
+from adapter.encoder_adapter import EncoderAdapterConfig
 from adapter.vision import VisionConfig
+from adapter.vit import ViTShape
 
 
 class DataConfig(Section):
@@ -129,12 +131,44 @@ class EvalConfig(Section):
     max_gen_len: int = Field(24, ge=1)
 
 
+class EncoderTask(Section):
+    """Zero-init prompts on a frozen ViT (task image-classification) or RoBERTa (task squad),
+    METHOD.md section 8. Held-out data: the image folder's val/ split (else a hash split of train/
+    by data.val_fraction); for SQuAD a hash split of the training questions."""
+
+    weights: str = Field(description="image-classification: a torchvision ViT state dict (.safetensors, or .pth "
+                                     "read with weights_only); squad: a transformers RobertaModel folder with its "
+                                     "fast tokenizer")
+    vit: ViTShape = Field(ViTShape.vit_b_16(), description="the ViT's shape (image-classification)")
+    adapter: EncoderAdapterConfig = EncoderAdapterConfig()
+    doc_stride: int = Field(128, ge=1, description="SQuAD: overlap of consecutive windows of a long context")
+    max_answer_len: int = Field(30, ge=1, description="SQuAD: longest answer span, in tokens")
+    null_threshold: float = Field(0.0, description="SQuAD v2.0: answer '' when the no-answer score beats the best "
+                                                   "span by more than this")
+    eval_source: str | None = Field(None, description="what the evaluation job scores: an image folder split "
+                                                      "(default <data.source>/test, else val) or a SQuAD dev file")
+
+
+LLAMA_TASKS = ("alpaca", "scienceqa", "coco")
+ENCODER_TASKS = ("image-classification", "squad")
+
+
 class PreprocessConfig(Section):
-    # Which data the job reads: Alpaca-style instructions, or the multimodal sets (METHOD.md section 7).
-    task: Literal["alpaca", "scienceqa", "coco"] = "alpaca"
-    model: ModelConfig
+    # Which data the job reads: Alpaca-style instructions, the multimodal sets (METHOD.md section 7),
+    # or the encoder tasks (section 8: a ViT or RoBERTa backbone instead of LLaMA).
+    task: Literal["alpaca", "scienceqa", "coco", "image-classification", "squad"] = "alpaca"
+    model: ModelConfig | None = Field(None, description="the LLaMA base (tasks alpaca, scienceqa, coco)")
     data: DataConfig
     ray: RaySection = RaySection()
+    encoder: EncoderTask | None = Field(None, description="the backbone of tasks image-classification and squad")
+
+    @model_validator(mode="after")
+    def _backbone_for_task(self):
+        if self.task in LLAMA_TASKS and self.model is None:
+            raise ValueError(f"task {self.task!r} fine-tunes LLaMA: it needs a `model` section")
+        if self.task in ENCODER_TASKS and self.encoder is None:
+            raise ValueError(f"task {self.task!r} needs an `encoder` section (the frozen backbone's weights)")
+        return self
 
 
 class TrainConfig(PreprocessConfig):
@@ -163,4 +197,4 @@ class TrainConfig(PreprocessConfig):
 
 
 def preprocess_part(cfg: TrainConfig) -> PreprocessConfig:
-    return PreprocessConfig(task=cfg.task, model=cfg.model, data=cfg.data, ray=cfg.ray)
+    return PreprocessConfig(task=cfg.task, model=cfg.model, data=cfg.data, ray=cfg.ray, encoder=cfg.encoder)

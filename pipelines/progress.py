@@ -69,7 +69,9 @@ class TrainingProgress:
         if kind == "start":
             self.state.update(total=row["total_steps"], step=row["step"])
         elif kind == "train":
-            self.state.update(step=row["step"], loss=row["loss"], tokens_per_s=row["tokens_per_s"], mfu=row.get("mfu"))
+            self.state.update(step=row["step"], loss=row["loss"], mfu=row.get("mfu"))
+            if row.get("tokens_per_s") is not None:  # encoder tasks count records, not tokens
+                self.state["tokens_per_s"] = row["tokens_per_s"]
             if self.first is None:
                 self.first = (time.monotonic(), row["step"] - 1)
         elif kind == "val":

@@ -30,6 +30,11 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     the project-root rule (adapter.settings.project_root)."""
     d, m = cfg.data, cfg.model
     multimodal = {}
+    if m is not None:
+        multimodal["model"] = m.model_copy(update={"base": project_path(m.base), "tokenizer": project_path(m.tokenizer)})
+    if cfg.encoder is not None:
+        multimodal["encoder"] = cfg.encoder.model_copy(update={"weights": project_path(cfg.encoder.weights),
+                                                               "eval_source": project_path(cfg.encoder.eval_source)})
     if cfg.vision is not None:
         multimodal["vision"] = cfg.vision.model_copy(update={"encoder": project_path(cfg.vision.encoder)})
     if cfg.scienceqa.images:
@@ -37,7 +42,6 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={**multimodal,
         "output_dir": project_path(cfg.output_dir),
         "data": d.model_copy(update={"source": project_path(d.source), "out": project_path(d.out)}),
-        "model": m.model_copy(update={"base": project_path(m.base), "tokenizer": project_path(m.tokenizer)}),
         "checkpoint": cfg.checkpoint.model_copy(update={"resume_from": project_path(cfg.checkpoint.resume_from)}),
     })
 
@@ -47,7 +51,7 @@ def prepare_data(cfg: TrainConfig) -> dict:
     contents, or a folder's listing), tokenizer and settings, rebuilt (and the reason printed)
     otherwise. Alpaca-style data by pipelines/preprocess.py, ScienceQA / COCO by their own jobs,
     all in the layout the trainer reads. Returns its stats."""
-    from pipelines import coco, preprocess, scienceqa
+    from pipelines import coco, encoder_data, preprocess, scienceqa
     from pipelines.data_source import fetch
 
     if cfg.task == "alpaca":
@@ -55,7 +59,8 @@ def prepare_data(cfg: TrainConfig) -> dict:
         expected = preprocess.fingerprint(pp, fetch(cfg.data.source, cfg.data.sha256))
         build = lambda: preprocess.run(pp)  # noqa: E731
     else:
-        job = {"scienceqa": scienceqa, "coco": coco}[cfg.task]
+        job = {"scienceqa": scienceqa, "coco": coco, "image-classification": encoder_data,
+               "squad": encoder_data}[cfg.task]
         expected = job.fingerprint(cfg)
         build = lambda: job.run(cfg)  # noqa: E731
     out = Path(cfg.data.out)
@@ -128,6 +133,19 @@ def export_adapter(checkpoint_dir: Path, run_dir: Path, cfg: TrainConfig, summar
     return replace_dir(tmp, out)
 
 
+def export_encoder_adapter(checkpoint_dir: Path, run_dir: Path, cfg: TrainConfig, summary: dict) -> Path:
+    """The ViT / RoBERTa adapter file (METHOD.md section 8) with its training metadata."""
+    from adapter.encoder_adapter import ADAPTER_FILENAME
+
+    out = run_dir / ADAPTER_DIR
+    tmp = fresh_tmp(out)
+    shutil.copy2(checkpoint_dir / ADAPTER_FILENAME, tmp / ADAPTER_FILENAME)
+    (tmp / "training.json").write_text(json.dumps(
+        {"task": cfg.task, "encoder": cfg.encoder.model_dump(mode="json"), "recipe": cfg.optim.recipe, **summary},
+        indent=2))
+    return replace_dir(tmp, out)
+
+
 def run(cfg: TrainConfig) -> dict:
     from pipelines.progress import TrainingProgress
     from pipelines.ray_session import connect
@@ -153,7 +171,8 @@ def run(cfg: TrainConfig) -> dict:
     summary["best_val_loss"] = min((m.get("val_loss", float("inf")) for _, m in result.best_checkpoints),
                                    default=None)
     with result.checkpoint.as_directory() as d:
-        adapter_dir = export_adapter(Path(d), run_dir, cfg, summary)
+        export = export_adapter if cfg.encoder is None else export_encoder_adapter
+        adapter_dir = export(Path(d), run_dir, cfg, summary)
     plot = plot_loss(run_dir)
     summary.update({"run_dir": str(run_dir), "adapter": str(adapter_dir), "loss_plot": str(plot) if plot else None,
                     "metrics": str(run_dir / "metrics.jsonl"), "samples": str(run_dir / "samples.jsonl"),
@@ -169,13 +188,17 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run(cfg)
     run_dir = Path(summary["run_dir"])
     m = cfg.model
-    print("\nSamples before and after tuning (fixed instructions):")
-    print(side_by_side(run_dir))
+    if m is not None:
+        print("\nSamples before and after tuning (fixed instructions):")
+        print(side_by_side(run_dir))
     print(f"\n[train] done in {summary['wall_s']} s; {summary['base_note']}")
     print(f"  adapter:     {summary['adapter']}")
     print(f"  metrics:     {summary['metrics']}  (TensorBoard: {summary['tensorboard']})")
     print(f"  loss curve:  {summary['loss_plot']}")
     print(f"  samples:     {summary['samples']}")
+    if m is None:
+        print(f"  evaluate:    python -m pipelines.evaluate_encoder --config {cfg.name} ... (see README)")
+        return summary
     print(f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
           f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'")
     return summary

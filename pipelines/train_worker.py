@@ -518,4 +518,7 @@ class AdapterRecipe:
 
 def train_loop_per_worker(config: dict) -> dict:
     cfg = TrainConfig.model_validate(config["train"])
-    return AdapterRecipe(cfg, Path(config["run_dir"]), config["data_fingerprint"]).run()
+    recipe = AdapterRecipe
+    if cfg.encoder is not None:  # ViT / RoBERTa (METHOD.md section 8): the same stages, another model
+        from pipelines.encoder_recipe import EncoderRecipe as recipe
+    return recipe(cfg, Path(config["run_dir"]), config["data_fingerprint"]).run()
