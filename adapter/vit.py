@@ -239,3 +239,22 @@ def preprocess_images(images: list, shape: ViTShape) -> torch.Tensor:
         px = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
         out.append((px.permute(2, 0, 1).float() / 255 - mean) / std)
     return torch.stack(out)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="python -m adapter.vit random FILE: a toy random ViT in torchvision's "
+                                             "vit_b_16 layout (safetensors), for the tiny CPU configs")
+    ap.add_argument("command", choices=["random"])
+    ap.add_argument("path")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--patch-size", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=10)
+    a = ap.parse_args()
+    print(save_random_vit(a.path, ViTShape(image_size=a.image_size, patch_size=a.patch_size, num_layers=a.layers,
+                                           num_heads=a.heads, hidden_dim=a.width, mlp_dim=2 * a.width,
+                                           num_classes=a.classes)))

@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 
-SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize", "multimodal", "decode")
+SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize", "multimodal", "decode",
+          "zero-init-comparison")
 
 
 def run_suite(name: str, quick: bool = False) -> dict:
@@ -29,6 +30,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.multimodal_bench import run  # COCO evaluation images/s; ScienceQA 8 x A100 projection
     elif name == "decode":
         from bench.decode_bench import run  # greedy decoding tokens/s, ours vs Hugging Face generate
+    elif name == "zero-init-comparison":
+        from bench.zero_init_comparison import run  # ViT / RoBERTa: zero-init vs gate fixed at 1 vs linear probe
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return run(quick=quick)

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  loss curve:  {summary['loss_plot']}")
     print(f"  samples:     {summary['samples']}")
     if m is None:
-        print(f"  evaluate:    python -m pipelines.evaluate_encoder --config {cfg.name} ... (see README)")
+        print("  evaluate:    python -m pipelines.evaluate_encoder --config <this config> (top-1, or SQuAD EM / F1)")
         return summary
     print(f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
           f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'")

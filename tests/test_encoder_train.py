@@ -7,40 +7,15 @@ machinery learns, not what pretrained backbones reach."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from adapter.roberta import save_random_roberta
 from adapter.vit import ViTShape, save_random_vit
+from bench.zero_init_comparison import TINY_VIT, synthetic_squad
 from pipelines.config import TrainConfig
 
 pytest.importorskip("sklearn", reason="scikit-learn ships the real digits")
-TINY_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 3, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64,
-            "num_classes": 10}
-COLORS = ["red", "blue", "green", "yellow"]
-FILLER = "the a of river stone walked over under quiet small house garden old city near light".split()
-
-
-def synthetic_squad(n: int, seed: int) -> dict:
-    """Which color does the passage name? One color word among filler words (its position random);
-    a fifth of the passages name none (v2.0: unanswerable)."""
-    rng = random.Random(seed)
-    paragraphs = []
-    for i in range(n):
-        words = [rng.choice(FILLER) for _ in range(rng.randint(8, 16))]
-        qa = {"id": f"s{seed}-{i}", "question": "Which color is named?"}
-        if rng.random() < 0.2:
-            qa.update(answers=[], is_impossible=True)
-        else:
-            color, at = rng.choice(COLORS), rng.randint(0, len(words))
-            words.insert(at, color)
-            start = len(" ".join(words[:at])) + (1 if at else 0)
-            qa.update(answers=[{"text": color, "answer_start": start}], is_impossible=False)
-        paragraphs.append({"context": " ".join(words), "qas": [qa]})
-    return {"version": "v2.0", "data": [{"title": "colors", "paragraphs": paragraphs}]}
-
-
 def train_config(tmp, **over) -> TrainConfig:
     cfg = {"output_dir": str(tmp / "runs"), "ray": {"num_cpus": 4},
            "workers": {"num_workers": 2, "cpus_per_worker": 0.5}, "checkpoint": {"keep": 1},
