@@ -53,6 +53,11 @@ def save_adapter(prompts: AdaptionPrompts, args: ModelArgs, path: str | Path, ex
         proj = prompts.projection
         meta["vision"] = json.dumps({"encoder": proj.encoder, **proj.shape()})
         tensors.update({f"projection.{k}": t.detach().cpu().contiguous() for k, t in proj.state_dict().items()})
+    return write_atomically(tensors, meta, path)
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:
+    """safetensors to a temp file beside `path`, then renamed: a crash never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -42,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from adapter.adapter_file import FORMAT as LLAMA_ADAPTER_FORMAT
-from adapter.adapter_file import AdapterFileError
+from adapter.adapter_file import AdapterFileError, write_atomically
 from adapter.settings import Section
 from adapter.zero_init import GatedPrompts, PromptKV, gated_prompt_attention
 
@@ -320,8 +318,6 @@ class EncoderAdapterFileError(AdapterFileError):
 
 def save_encoder_adapter(adapter: EncoderAdapter, path: str | Path, extra: dict | None = None) -> Path:
     """safetensors with the backbone, task, labels and config in the header; written atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.is_dir() or path.suffix == "":
         path = path / ADAPTER_FILENAME
@@ -330,15 +326,7 @@ def save_encoder_adapter(adapter: EncoderAdapter, path: str | Path, extra: dict 
             "task": adapter.task, "labels": json.dumps(adapter.labels),
             "adapter_config": adapter.config.model_dump_json(), "extra": json.dumps(extra or {})}
     tensors = {k: t.detach().cpu().contiguous() for k, t in adapter.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(tensors, meta, path)
 
 
 def read_encoder_metadata(path: str | Path) -> dict:

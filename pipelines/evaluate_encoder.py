@@ -55,8 +55,6 @@ class EncoderPredictor:
         return self.answer(batch)
 
     def classify(self, batch: dict) -> dict:
-        from PIL import Image
-
         from adapter.vision import ImageError, decode_image
         from adapter.vit import preprocess_images
 
