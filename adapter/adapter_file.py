@@ -207,12 +207,13 @@ def _resolve(path: str | Path) -> Path:
 def _header(f, size: int, path: str | Path) -> dict:
     """Parse the safetensors header ourselves, so a pickle or truncated file gets a clear name."""
     head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    plausible = 0 < n and 8 + n <= size  # a header length of 128 + 256k also starts with 0x80
+    if not plausible and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise AdapterFileError(f"{path}: a pickle / torch.save file, refused (adapters are safetensors only)")
     if len(head) < 8:
         raise AdapterFileError(f"{path}: truncated or empty adapter file ({size} bytes)")
-    n = int.from_bytes(head, "little")
-    if n <= 0 or 8 + n > size:
+    if not plausible:
         raise AdapterFileError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
     try:
         header = json.loads(f.read(n))

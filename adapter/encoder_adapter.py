@@ -415,11 +415,12 @@ def _open(path: Path):
     fails here); a pickle is named as one, never unpickled."""
     from safetensors import SafetensorError, safe_open
 
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"PK" or magic[:1] == b"\x80":
-        raise EncoderAdapterFileError(f"{path}: a pickle / torch.save file, refused (adapters are safetensors only)")
-    try:
+    try:  # first: a valid header of 128 + 256k bytes also starts with pickle's 0x80
         return safe_open(path, "pt")
     except (SafetensorError, OSError) as e:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic == b"PK" or magic[:1] == b"\x80":
+            raise EncoderAdapterFileError(f"{path}: a pickle / torch.save file, refused (adapters are safetensors "
+                                          "only)") from None
         raise EncoderAdapterFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None

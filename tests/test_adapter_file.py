@@ -101,3 +101,15 @@ def test_malformed_headers_and_values_are_refused_by_name(tmp_path):
     save_adapter(p, ARGS, tmp_path / "nan")
     with pytest.raises(AdapterFileError, match="'prompt' holds NaN or infinite values"):
         load_adapter(tmp_path / "nan", ARGS)
+
+
+def test_a_header_whose_length_starts_with_the_pickle_byte_is_still_read(tmp_path):
+    """A safetensors header of 128 + 256k bytes begins with 0x80, pickle's protocol marker."""
+    p = AdaptionPrompts(ARGS, AdapterConfig(adapter_len=2, adapter_layers=1))
+    for pad in range(300):  # grow the header through the metadata until its length is 0x..80
+        path = save_adapter(p, ARGS, tmp_path / "a.safetensors", extra={"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_metadata(path)["extra"]["note"] == "x" * pad
+    assert torch.equal(load_adapter(path, ARGS).prompt, p.prompt)

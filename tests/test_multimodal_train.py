@@ -168,6 +168,13 @@ def served(trained, server):
     cfg, summary, tmp = trained
     base = load_base(cfg.model.base)
     save_adapter(AdaptionPrompts(base.args, AdapterConfig(4, 3)), base.args, tmp / "runs" / "plain.safetensors")
+    # Ten steps barely move the text; a copy with open gates and a loud image token makes the
+    # image decide the output, so "the server used the image" can be told from the text alone.
+    loud = load_adapter(summary["adapter"], base.args)
+    with torch.no_grad():
+        loud.gate.fill_(3.0)
+        loud.projection.norm.weight.mul_(30)
+    save_adapter(loud, base.args, tmp / "runs" / "mm-loud.safetensors", extra={"task": "coco"})
     app_cfg = {"model": {"base": cfg.model.base, "tokenizer": cfg.model.tokenizer}, "adapters": str(tmp / "runs"),
                "base_name": "stories260k", "vision": cfg.vision.model_dump(mode="json"),
                "max_image_bytes": 300_000, "sampling": {"max_gen_len": 8, "temperature": 0.0}}
@@ -198,13 +205,14 @@ def test_served_multimodal_adapter_answers_an_image_url_request_over_http(traine
     jpeg = sorted((shared_file("coco-mini/val2017/000000000139.jpg").parent).glob("*.jpg"))[0].read_bytes()
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused")
     listed = {m.id: m.model_extra.get("multimodal") for m in client.models.list().data}
-    assert listed["mm"] is True and listed["plain"] is False and listed["stories260k"] is False, listed
-    reply = client.chat.completions.create(**image_chat("mm", data_uri(jpeg)))
+    assert listed["mm"] is True and listed["mm-loud"] is True and listed["plain"] is False and listed["stories260k"] is False, listed
+    assert client.chat.completions.create(**image_chat("mm", data_uri(jpeg))).choices[0].message.content
+    reply = client.chat.completions.create(**image_chat("mm-loud", data_uri(jpeg)))
     served_text = reply.choices[0].message.content
     # The same request computed here with the same image: the server really used the image.
     base, tok = load_base(cfg.model.base), Tokenizer(cfg.model.tokenizer)
     encoder = ImageEncoder(cfg.vision)
-    adapter = load_adapter(summary["adapter"], base.args, encoder=encoder.identity)
+    adapter = load_adapter(tmp / "runs" / "mm-loud.safetensors", base.args, encoder=encoder.identity)
     feats, _ = features_for(encoder, [jpeg])
     with torch.no_grad():
         with_image = adapter.prefixes(base, adapter.image_tokens(feats))
@@ -216,6 +224,7 @@ def test_served_multimodal_adapter_answers_an_image_url_request_over_http(traine
     assert served_text == tok.decode(local), (served_text, tok.decode(local))
     blind = tok.decode(generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id,
                                 adapters=[without])[0])
+    assert blind != served_text  # so the equality above could only hold with the image
     print(f"\n[measured] served caption for {len(jpeg):,}-byte COCO image: {served_text!r} "
           f"(without the image: {blind!r})")
 

@@ -55,7 +55,7 @@ def test_every_layout_is_listed_and_served(root, tiny_model):
     names = store.available()
     assert {"run-a", "exported", "flat"} <= set(names) and "notes" not in names
     for name in ("run-a", "exported", "flat"):
-        assert set(store.get(name)) == {2, 3}
+        assert set(store.get(name).prefixes) == {2, 3}
 
 
 @pytest.mark.parametrize("name,needle", [
@@ -95,3 +95,29 @@ def test_size_cap_and_lru_and_names(root, tiny_model):
             store.get(bad)
     with pytest.raises(UnknownAdapter):
         store.get("missing")
+
+
+def test_images_are_offered_only_where_the_adapter_and_the_servers_encoder_match(tmp_path, tiny_model):
+    from adapter.vision import VisualProjection
+
+    args = tiny_model.args
+    clip = {"name": "tiny-clip", "sha256": "ab" * 32, "feature_layers": [1, 3]}
+    mm = AdaptionPrompts(args, AdapterConfig(3, 2), projection=VisualProjection(8, 4, args.dim, clip))
+    save_adapter(mm, args, tmp_path / "mm", extra={"task": "coco"})
+    save_adapter(AdaptionPrompts(args, AdapterConfig(3, 2)), args, tmp_path / "sqa", extra={"task": "scienceqa"})
+    _save(args, tmp_path / "plain")
+    same = AdapterStore(str(tmp_path), tiny_model, encoder=clip)
+    # Listed from the file headers, before anything is loaded.
+    assert [n for n in ("mm", "sqa", "plain") if same.takes_images(n)] == ["mm"] and same.loads == 0
+    loaded = same.get("mm")
+    assert loaded.image_refusal is None and loaded.template == "alpaca" and loaded.prompts is not None
+    with torch.no_grad():
+        with_image = loaded.prefixes_for_image(tiny_model, torch.randn(1, 8))
+    assert set(with_image) == set(loaded.prefixes)
+    assert with_image[args.n_layers - 1].k.shape == loaded.prefixes[args.n_layers - 1].k.shape
+    assert not torch.equal(with_image[args.n_layers - 1].k, loaded.prefixes[args.n_layers - 1].k)
+    assert same.get("sqa").template == "raw" and "text-only adapter" in same.get("sqa").image_refusal
+    other = AdapterStore(str(tmp_path), tiny_model, encoder={**clip, "sha256": "cd" * 32, "name": "other"})
+    assert not other.takes_images("mm") and "trained with image encoder 'tiny-clip'" in other.get("mm").image_refusal
+    none = AdapterStore(str(tmp_path), tiny_model)
+    assert not none.takes_images("mm") and "no image encoder" in none.get("mm").image_refusal
