@@ -20,8 +20,8 @@ With gates at 0 the term is exactly zero and outputs equal the plain backbone's 
 Trainable: one `EncoderAdapter` module (prompts, gates, task head), which is all an optimizer or
 DeepSpeed needs to see. The backbone is frozen and kept in eval mode (no dropout), also while
 the adapter trains. Gate variants (`EncoderAdapterConfig.gate`): "zero-init" (the method),
-"fixed-one" (prompts attended with weight 1 from the start and the gate not trained: the ICLR
-ablation's randomly initialised attention), "linear-probe" (no prompts, the head alone).
+"fixed-one" (prompts attended with weight 1 from the start and the gate not trained: attention
+to random prompts at full weight from step 0, the contrast to zero-init gating), "linear-probe" (no prompts, the head alone).
 """
 
 from __future__ import annotations

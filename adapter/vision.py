@@ -32,6 +32,7 @@ WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
 MAX_IMAGE_PIXELS = 40_000_000  # a decompression bomb is refused, not decoded
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_ASPECT_RATIO = 20  # longer side / shorter side; COCO's most elongated images are about 6:1
 
 
 class VisionConfig(Section):
@@ -67,6 +68,10 @@ def decode_image(data: bytes):
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"image of {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+        # Preprocessing scales the SHORT side to the model's size: a 1 x 1,000,000 strip (a few KB)
+        # would become a 224 x 224,000,000 image before the crop.
+        if max(img.width, img.height) > MAX_ASPECT_RATIO * min(img.width, img.height):
+            raise ImageError(f"image of {img.width}x{img.height} pixels is more than {MAX_ASPECT_RATIO}:1")
         return img.convert("RGB")  # decodes fully: a truncated file fails here, not later
     except ImageError:
         raise

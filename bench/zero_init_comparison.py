@@ -1,5 +1,5 @@
 """The ICLR comparison on the same data and budget (METHOD.md section 8): zero-init gated prompts
-vs the same prompts with the gate fixed at 1 (random-init attention) vs a linear probe (head only),
+vs the same prompts with the gate fixed at 1 (no gating: random prompts at full weight from step 0) vs a linear probe (head only),
 each trained by `pipelines.train` (Ray Train, 2 CPU workers) and scored by `pipelines.evaluate_encoder`.
 
 Tasks here: scikit-learn's real digits (an image folder) on a tiny RANDOM ViT, and a synthetic

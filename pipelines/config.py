@@ -168,6 +168,15 @@ class PreprocessConfig(Section):
             raise ValueError(f"task {self.task!r} fine-tunes LLaMA: it needs a `model` section")
         if self.task in ENCODER_TASKS and self.encoder is None:
             raise ValueError(f"task {self.task!r} needs an `encoder` section (the frozen backbone's weights)")
+        # A section of the other family is a mistake (a leftover of another config), not a no-op.
+        if self.task in LLAMA_TASKS and self.encoder is not None:
+            raise ValueError(f"task {self.task!r} fine-tunes LLaMA: remove the `encoder` section (it is for tasks "
+                             f"{', '.join(ENCODER_TASKS)})")
+        if self.task in ENCODER_TASKS and self.model is not None:
+            raise ValueError(f"task {self.task!r} adapts the `encoder` backbone: remove the `model` section (LLaMA)")
+        if self.task == "squad" and self.encoder.doc_stride >= self.data.max_seq_len // 2:
+            raise ValueError(f"encoder.doc_stride {self.encoder.doc_stride} must be below half of data.max_seq_len "
+                             f"{self.data.max_seq_len}: each window needs room for the question and new context")
         return self
 
 

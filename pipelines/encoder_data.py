@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,7 +63,10 @@ def image_rows(cfg: TrainConfig) -> tuple[list[str], list[dict]]:
         rows += [{"key": f"val/{rel}", "split": "val", "label": label, "path": str(root / "val" / rel), "reason": ""}
                  for rel, label in val_items]
         rejects += [(f"val/{rel}", why) for rel, why in val_rejects]
-    rows = rows[: cfg.data.limit] if cfg.data.limit else rows
+    if cfg.data.limit:  # a seeded sample of the training images, not the first classes in sorted order
+        train = [r for r in rows if r["split"] == "train" or not (root / "val").is_dir()]
+        keep = {r["key"] for r in random.Random(cfg.data.seed).sample(train, min(cfg.data.limit, len(train)))}
+        rows = [r for r in rows if r["key"] in keep or r["key"].startswith("val/")]
     rows += [{"key": rel, "split": "", "label": -1, "path": "", "reason": why} for rel, why in rejects]
     return classes, [{**r, "idx": i} for i, r in enumerate(rows)]
 
@@ -72,7 +76,8 @@ def read_images(batch: pa.Table) -> pa.Table:
     out = {name: [] for name in IMAGE_SCHEMA.names}
     for r in batch.to_pylist():
         data, reason, detail = (None, r["reason"], r["key"]) if r["reason"] else read_image(r["path"])
-        out["idx"].append(r["idx"]); out["key"].append(r["key"]); out["split"].append(r["split"])
+        out["idx"].append(r["idx"]); out["key"].append(r["key"])
+        out["split"].append("" if reason else r["split"])  # a reject belongs to no split
         out["label"].append(r["label"]); out["image"].append(data)
         out["reject_reason"].append(reason); out["reject_detail"].append(detail)
     return pa.Table.from_pydict(out, schema=IMAGE_SCHEMA)
@@ -105,13 +110,18 @@ class SquadWindows:
         self.tok, self.max_len, self.doc_stride = load_roberta_tokenizer(tokenizer_folder), max_len, doc_stride
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipelines.squad_data import features_for_training
+        from pipelines.squad_data import features_for_training, question_fits
 
         out = {name: [] for name in SQUAD_SCHEMA.names}
         for r in batch.to_pylist():
             if r["reason"]:
                 reason, _, detail = r["reason"].partition("\0")
                 self._append(out, r["idx"], r["id"], "", None, reason, detail)
+                continue
+            if not question_fits(r["question"], self.tok, self.max_len, self.doc_stride):
+                self._append(out, r["idx"], r["id"], "", None, "question_too_long",
+                             f"the question leaves no room for context in {self.max_len}-token windows "
+                             f"(stride {self.doc_stride})")
                 continue
             f = features_for_training([r], self.tok, self.max_len, self.doc_stride)
             if len(f["example_id"]) >= WINDOWS_PER_QUESTION:

@@ -11,32 +11,32 @@ right). The ICLR comparison's three arms are one setting, `encoder.adapter.gate`
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from adapter.encoder_adapter import (ADAPTER_FILENAME, AdaptedRoberta, AdaptedViT, EncoderAdapterFileError, adapt_roberta, adapt_vit,
-                                     load_encoder_adapter, save_encoder_adapter)
+from adapter.encoder_adapter import (ADAPTER_FILENAME, AdaptedRoberta, AdaptedViT, EncoderAdapterFileError,
+                                     adapt_roberta, adapt_vit, load_encoder_adapter, save_encoder_adapter)
 from pipelines.train_worker import AdapterRecipe, all_reduce_sum
 
 
 def decode_pixels(images: list[bytes], shape) -> torch.Tensor:
     """Image file bytes -> (N, 3, S, S), preprocessed once per run (the backbone is frozen)."""
-    from PIL import Image
-
+    from adapter.vision import decode_image
     from adapter.vit import preprocess_images
 
     if not images:
         return torch.zeros(0, 3, shape.image_size, shape.image_size)
-    parts = [preprocess_images([Image.open(io.BytesIO(b)) for b in images[i:i + 256]], shape)
+    parts = [preprocess_images([decode_image(b) for b in images[i:i + 256]], shape)
              for i in range(0, len(images), 256)]
     return torch.cat(parts)
 
 
 class EncoderRecipe(AdapterRecipe):
+    ADAPTER_FILE = ADAPTER_FILENAME  # encoder_adapter.safetensors
+    SHARD_COLUMNS = ()  # `inputs` reads every column with a default
     # --- model ----------------------------------------------------------------------------------
     def build_model(self) -> None:
         e = self.cfg.encoder
@@ -83,14 +83,14 @@ class EncoderRecipe(AdapterRecipe):
     # --- adapter files --------------------------------------------------------------------------
     def read_adapter(self, folder: Path) -> dict[str, torch.Tensor]:
         try:
-            return load_encoder_adapter(folder / ADAPTER_FILENAME, self.spec, device=self.device).state_dict()
+            return load_encoder_adapter(folder / self.ADAPTER_FILE, self.spec, device=self.device).state_dict()
         except EncoderAdapterFileError:
             raise
         except Exception as e:  # noqa: BLE001 - a reader error names the file, whatever it was
             raise EncoderAdapterFileError(f"{folder}: unreadable encoder adapter ({type(e).__name__}: {e})") from None
 
     def write_adapter(self, folder: Path) -> None:
-        save_encoder_adapter(self.prompts, folder / ADAPTER_FILENAME, extra={"step": self.step, "task": self.cfg.task})
+        save_encoder_adapter(self.prompts, folder / self.ADAPTER_FILE, extra={"step": self.step, "task": self.cfg.task})
 
     # --- steps ----------------------------------------------------------------------------------
     def batch_loss(self, inputs: dict, rows) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,18 +34,24 @@ class EncoderPredictor:
     def __init__(self, train_config: dict, adapter_path: str):
         from adapter.encoder_adapter import AdaptedRoberta, AdaptedViT, load_encoder_adapter, roberta_spec, vit_spec
 
+        import ray
+
         cfg = TrainConfig.model_validate(train_config)
         self.cfg, e = cfg, cfg.encoder
+        # The GPU Ray reserved for this actor, if any (evaluation.gpus_per_actor).
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         if cfg.task == "image-classification":
             from adapter.vit import load_vit
 
-            vit = load_vit(e.weights, e.vit)
-            self.model = AdaptedViT(vit, load_encoder_adapter(adapter_path, vit_spec(vit, e.weights)))
+            vit = load_vit(e.weights, e.vit, device=self.device)
+            adapter = load_encoder_adapter(adapter_path, vit_spec(vit, e.weights), device=self.device)
+            self.model = AdaptedViT(vit, adapter)
         else:
             from adapter.roberta import load_roberta, load_roberta_tokenizer
 
-            roberta = load_roberta(e.weights)
-            self.model = AdaptedRoberta(roberta, load_encoder_adapter(adapter_path, roberta_spec(roberta, e.weights)))
+            roberta = load_roberta(e.weights, device=self.device)
+            adapter = load_encoder_adapter(adapter_path, roberta_spec(roberta, e.weights), device=self.device)
+            self.model = AdaptedRoberta(roberta, adapter)
             self.tok = load_roberta_tokenizer(e.weights)
         self.model.eval()
 
@@ -67,27 +74,35 @@ class EncoderPredictor:
             except ImageError as err:  # a bad file fails its own row, not the batch
                 errors[i] = f"image_error: {err}"
         if live:
-            logits = self.model.logits(preprocess_images(images, self.cfg.encoder.vit))
-            preds[live] = logits.argmax(-1).numpy()
+            logits = self.model.logits(preprocess_images(images, self.cfg.encoder.vit).to(self.device))
+            preds[live] = logits.argmax(-1).cpu().numpy()
         return {"key": batch["key"], "label": batch["label"], "pred": preds, "error": np.array(errors, dtype=object)}
 
     def answer(self, batch: dict) -> dict:
-        from pipelines.squad_data import best_answers, features_for_eval
+        from pipelines.squad_data import best_answers, features_for_eval, question_fits
 
-        e = self.cfg.encoder
+        e, max_len = self.cfg.encoder, self.cfg.data.max_seq_len
         examples = [{"id": q, "question": qu, "context": c} for q, qu, c in
                     zip(batch["id"], batch["question"], batch["context"])]
-        features = features_for_eval(examples, self.tok, self.cfg.data.max_seq_len, e.doc_stride)
-        ids = torch.as_tensor(features["input_ids"])
-        starts, ends = [], []
-        for i in range(0, len(ids), 32):
-            s, t = self.model.span_logits(ids[i:i + 32], torch.as_tensor(features["attention_mask"][i:i + 32]))
-            starts.append(s.numpy()); ends.append(t.numpy())
-        answers = best_answers(examples, features, np.concatenate(starts), np.concatenate(ends),
-                               max_answer_len=e.max_answer_len, null_threshold=e.null_threshold,
-                               version_2=bool(batch["version_2"][0]))
+        # A question too long for a window is answered "" and listed (it would fail the whole batch).
+        errors = ["" if question_fits(x["question"], self.tok, max_len, e.doc_stride) else "question_too_long"
+                  for x in examples]
+        asked = [x for x, err in zip(examples, errors) if not err]
+        answers, windows = {}, {}
+        if asked:
+            features = features_for_eval(asked, self.tok, max_len, e.doc_stride)
+            ids, mask = torch.as_tensor(features["input_ids"]), torch.as_tensor(features["attention_mask"])
+            starts, ends = [], []
+            for i in range(0, len(ids), 32):
+                s, t = self.model.span_logits(ids[i:i + 32].to(self.device), mask[i:i + 32].to(self.device))
+                starts.append(s.float().cpu().numpy()); ends.append(t.float().cpu().numpy())
+            answers = best_answers(asked, features, np.concatenate(starts), np.concatenate(ends),
+                                   max_answer_len=e.max_answer_len, null_threshold=e.null_threshold,
+                                   version_2=bool(batch["version_2"][0]))
+            windows = {q: features["example_id"].count(q) for q in answers}
         return {"id": batch["id"], "prediction": np.array([answers.get(q, "") for q in batch["id"]], dtype=object),
-                "windows": np.array([features["example_id"].count(q) for q in batch["id"]])}
+                "windows": np.array([windows.get(q, 0) for q in batch["id"]]),
+                "error": np.array(errors, dtype=object)}
 
 
 def eval_images(cfg: TrainConfig) -> tuple[list[dict], dict]:
@@ -98,7 +113,8 @@ def eval_images(cfg: TrainConfig) -> tuple[list[dict], dict]:
     folder = Path(project_path(cfg.encoder.eval_source)) if cfg.encoder.eval_source else (
         root / "test" if (root / "test").is_dir() else root / "val")
     classes, items, rejects = list_image_folder(folder)
-    items = items[: cfg.evaluation.limit] if cfg.evaluation.limit else items
+    if cfg.evaluation.limit:  # a seeded sample across classes (items are sorted by class)
+        items = sorted(random.Random(0).sample(items, min(cfg.evaluation.limit, len(items))))
     rows = [{"key": rel, "label": label, "image": (folder / rel).read_bytes()} for rel, label in items]
     return rows, {"split": str(folder), "classes": classes, "set_aside": [{"path": p, "reason": r} for p, r in rejects]}
 
@@ -147,17 +163,16 @@ def run(cfg: TrainConfig) -> dict:
                   if int(r["pred"]) >= 0 else None, "correct": ok, "error": r["error"] or None}
                  for r, ok in zip(preds, correct)]
     else:
-        from pipelines.squad_data import read_squad
+        from pipelines.squad_data import questions_for_eval
         from pipelines.squad_metrics import is_version_2, score_dataset
 
         if not cfg.encoder.eval_source:
             raise ValueError("task squad: set encoder.eval_source to the SQuAD dev file to score")
         dataset = json.loads(Path(cfg.encoder.eval_source).read_text(encoding="utf-8"))
         v2 = is_version_2(dataset)
-        examples, rejects = read_squad(dataset)
+        examples, rejects = questions_for_eval(dataset)
         examples = examples[: cfg.evaluation.limit] if cfg.evaluation.limit else examples
-        rows = [{"id": x["id"], "question": x["question"], "context": x["context"], "version_2": v2}
-                for x in examples]
+        rows = [{**x, "version_2": v2} for x in examples]
         t_pred = time.time()
         preds = pool_map(cfg, adapter, rows)
         pred_s = time.time() - t_pred
@@ -170,7 +185,9 @@ def run(cfg: TrainConfig) -> dict:
         scores = score_dataset(dataset, answers, version_2=v2)
         result = {"split": cfg.encoder.eval_source, "version_2": v2, **scores, "questions": len(examples),
                   "set_aside": rejects, "questions_per_s": round(len(examples) / pred_s, 2)}
-        lines = [{"id": r["id"], "prediction": r["prediction"], "windows": int(r["windows"])} for r in preds]
+        result["errors"] = [{"id": r["id"], "error": r["error"]} for r in preds if r["error"]]
+        lines = [{"id": r["id"], "prediction": r["prediction"], "windows": int(r["windows"]),
+                  "error": r["error"] or None} for r in preds]
     result.update({"task": cfg.task, "adapter": adapter, "gate": cfg.encoder.adapter.gate,
                    "seconds": round(time.time() - t0, 2), "out": str(out)})
     (out / "metrics.json").write_text(json.dumps(result, indent=2))

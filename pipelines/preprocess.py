@@ -51,7 +51,7 @@ from adapter.loader import model_context
 from adapter.prompts import format_prompt
 from adapter.settings import add_config_args, config_from_args, project_path, save_config
 from adapter.tokenizer import Tokenizer
-from pipelines.config import PreprocessConfig, TrainConfig
+from pipelines.config import ENCODER_TASKS, PreprocessConfig, TrainConfig
 from pipelines.data_source import DataSourceError, Source, fetch, sha256_of, source_digest
 from pipelines.folders import fresh_tmp, replace_dir
 from pipelines.ray_session import connect
@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_args(PreprocessConfig, ap.parse_args(argv),
                            ignore=set(TrainConfig.model_fields) - set(PreprocessConfig.model_fields))
     if cfg.task != "alpaca":
-        ap.error(f"this config's task is {cfg.task!r}: its data is prepared by `python -m pipelines.{cfg.task}` "
+        job = "encoder_data" if cfg.task in ENCODER_TASKS else cfg.task
+        ap.error(f"this config's task is {cfg.task!r}: its data is prepared by `python -m pipelines.{job}` "
                  "(or by pipelines.train), not by the instruction-data job")
     connect(cfg.ray)
     out = project_path(cfg.data.out)

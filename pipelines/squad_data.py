@@ -141,6 +141,44 @@ def read_squad(dataset: Mapping | list) -> tuple[list[Example], list[Reject]]:
     return examples, rejects
 
 
+def questions_for_eval(dataset: Mapping | list) -> tuple[list[Example], list[Reject]]:
+    """Every question the official script scores, as {id, question, context}: only the id, the
+    question and its paragraph's context must be usable (the script never reads answer_start, so a
+    dev question with a misplaced one is still asked). The rest are set aside with a reason."""
+    rows: list[Example] = []
+    aside: list[Reject] = []
+    seen: set[str] = set()
+    articles = dataset.get("data") if isinstance(dataset, Mapping) else dataset
+    for article in articles if isinstance(articles, list) else []:
+        paragraphs = article.get("paragraphs") if isinstance(article, Mapping) else None
+        for paragraph in paragraphs if isinstance(paragraphs, list) else []:
+            if not isinstance(paragraph, Mapping):
+                continue
+            context, qas = paragraph.get("context"), paragraph.get("qas")
+            for qa in qas if isinstance(qas, list) else []:
+                qid = qa.get("id") if isinstance(qa, Mapping) else None
+                question = qa.get("question") if isinstance(qa, Mapping) else None
+                if not isinstance(qid, str) or qid in seen:
+                    aside.append(_reject("duplicate_id" if qid in seen else "missing_field", "id", qid))
+                elif not isinstance(question, str) or not question.strip():
+                    aside.append(_reject("empty_question", "question missing, empty or not a string", qid))
+                elif not isinstance(context, str) or not context.strip():
+                    aside.append(_reject("missing_context", "context missing, empty or not a string", qid))
+                else:
+                    rows.append({"id": qid, "question": question, "context": context})
+                if isinstance(qid, str):
+                    seen.add(qid)
+    return rows, aside
+
+
+def question_fits(question: str, tokenizer, max_len: int, doc_stride: int) -> bool:
+    """Whether windows of max_len tokens can hold this question and still move through the context
+    (<s> q </s></s> context </s>, and more new context per window than the stride re-reads). The
+    tokenizer raises on a longer question, or panics outright, for the whole batch."""
+    n = len(tokenizer(str(question).lstrip(), add_special_tokens=False)["input_ids"])
+    return n + 4 + doc_stride < max_len
+
+
 # --- token features ------------------------------------------------------------------------------
 def _rows(examples: Sequence[Example] | Mapping[str, Sequence]) -> list[Example]:
     """Examples as a list of dicts; a dict of columns (a Ray Data / HF batch) is turned into rows."""

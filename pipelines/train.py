@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from adapter.settings import add_config_args, config_from_args, project_path, save_config
-from pipelines.config import TrainConfig, preprocess_part
+from pipelines.config import ENCODER_TASKS, TrainConfig, preprocess_part
 from pipelines.folders import fresh_tmp, replace_dir
 from pipelines.run_report import plot_loss, side_by_side
 
@@ -171,7 +171,7 @@ def run(cfg: TrainConfig) -> dict:
     summary["best_val_loss"] = min((m.get("val_loss", float("inf")) for _, m in result.best_checkpoints),
                                    default=None)
     with result.checkpoint.as_directory() as d:
-        export = export_adapter if cfg.encoder is None else export_encoder_adapter
+        export = export_encoder_adapter if cfg.task in ENCODER_TASKS else export_adapter
         adapter_dir = export(Path(d), run_dir, cfg, summary)
     plot = plot_loss(run_dir)
     summary.update({"run_dir": str(run_dir), "adapter": str(adapter_dir), "loss_plot": str(plot) if plot else None,

@@ -36,7 +36,7 @@ from adapter.loader import load_model
 from adapter.prompts import format_prompt
 from adapter.vision import ImageEncoder, features_for
 from pipelines.batching import collate, epoch_order
-from pipelines.config import SamplesConfig, TrainConfig
+from pipelines.config import ENCODER_TASKS, SamplesConfig, TrainConfig
 from pipelines.data_source import sha256_of
 
 STATE_FILE = "trainer_state.json"
@@ -75,7 +75,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, n_trainable: int) -> dic
     }
 
 
-def read_shard(name: str) -> dict[str, np.ndarray | list]:
+def read_shard(name: str, expected: tuple[str, ...] = ()) -> dict[str, np.ndarray | list]:
     """This worker's whole share of a split, every column, ordered by record index (so the order
     does not depend on which block arrived first). Alpaca on 8 workers is about 3 MB of token ids
     per worker; multimodal records add image bytes, encoder tasks their own columns."""
@@ -88,7 +88,9 @@ def read_shard(name: str) -> dict[str, np.ndarray | list]:
             columns[c] += b.column(c).to_pylist()
     order = np.argsort(np.asarray(columns["idx"], dtype=np.int64), kind="stable")
     out = {c: [v[i] for i in order] for c, v in columns.items() if c != "idx"}
-    out["idx"] = np.asarray(columns["idx"])[order]
+    out["idx"] = np.asarray(columns["idx"], dtype=np.int64)[order]
+    for c in expected:  # an empty shard (fewer held-out records than workers) still has its columns
+        out.setdefault(c, [])
     return out
 
 
@@ -120,7 +122,7 @@ def write_manifest(folder: Path, rank: int) -> None:
     (folder / f"manifest-rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}))
 
 
-def read_trainer_state(folder: Path, settings: dict) -> dict:
+def read_trainer_state(folder: Path, settings: dict, adapter_file: str = ADAPTER_FILENAME) -> dict:
     """Check a checkpoint before resuming from it; return its trainer state. Every way it can be
     unusable (incomplete, corrupt, truncated, saved with other settings) is refused by name."""
     state_path = folder / STATE_FILE
@@ -161,8 +163,8 @@ def read_trainer_state(folder: Path, settings: dict) -> dict:
                                       f"{want['bytes']} written)")
     if not (ds_dir / tag).is_dir():
         raise CheckpointError(f"{folder}: no DeepSpeed state for tag {tag}")
-    if not (folder / ADAPTER_FILENAME).is_file():
-        raise CheckpointError(f"{folder}: no {ADAPTER_FILENAME}")
+    if not (folder / adapter_file).is_file():
+        raise CheckpointError(f"{folder}: no {adapter_file}")
     return state
 
 
@@ -237,6 +239,9 @@ class MetricsLog:
 
 
 class AdapterRecipe:
+    ADAPTER_FILE = ADAPTER_FILENAME  # the adapter inside each checkpoint (and the exported folder)
+    SHARD_COLUMNS = ("input_ids", "labels")  # present even in an empty shard
+
     def __init__(self, cfg: TrainConfig, run_dir: Path, data_fingerprint: dict):
         self.cfg, self.run_dir, self.data_fingerprint = cfg, run_dir, data_fingerprint
         self.timer = StageTimer()
@@ -256,7 +261,7 @@ class AdapterRecipe:
         self.fault = FaultInjector(cfg.fail_at_step, self.run_dir / ".fault_injected", self.rank == self.world - 1)
         self.build_model()
         with self.timer("read_data"):
-            self.train, self.val = read_shard("train"), read_shard("val")
+            self.train, self.val = (read_shard(split, self.SHARD_COLUMNS) for split in ("train", "val"))
         self.prepare_data()
         self.setup_optimizer()
 
@@ -344,7 +349,7 @@ class AdapterRecipe:
         if ckpt is None:
             return
         with self.timer("resume"), ckpt.as_directory() as d:
-            state = read_trainer_state(Path(d), self.settings)
+            state = read_trainer_state(Path(d), self.settings, self.ADAPTER_FILE)
             self.engine.load_checkpoint(str(Path(d) / DS_DIR), tag=state["ds_tag"], load_module_strict=True,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             try:
@@ -359,10 +364,10 @@ class AdapterRecipe:
             self.step = int(state["step"])
 
     def read_adapter(self, folder: Path) -> dict[str, torch.Tensor]:
-        return load_adapter(folder, self.base.args, device=self.device).state_dict()
+        return load_adapter(folder / self.ADAPTER_FILE, self.base.args, device=self.device).state_dict()
 
     def write_adapter(self, folder: Path) -> None:
-        save_adapter(self.prompts, self.base.args, folder, extra={"step": self.step, "task": self.cfg.task})
+        save_adapter(self.prompts, self.base.args, folder / self.ADAPTER_FILE, extra={"step": self.step, "task": self.cfg.task})
 
     # --- images (multimodal runs) ---------------------------------------------------------------
     def encode_images(self, split: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -519,6 +524,6 @@ class AdapterRecipe:
 def train_loop_per_worker(config: dict) -> dict:
     cfg = TrainConfig.model_validate(config["train"])
     recipe = AdapterRecipe
-    if cfg.encoder is not None:  # ViT / RoBERTa (METHOD.md section 8): the same stages, another model
+    if cfg.task in ENCODER_TASKS:  # ViT / RoBERTa (METHOD.md section 8): the same stages, another model
         from pipelines.encoder_recipe import EncoderRecipe as recipe
     return recipe(cfg, Path(config["run_dir"]), config["data_fingerprint"]).run()

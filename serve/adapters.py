@@ -40,6 +40,7 @@ from adapter.zero_init import PromptKV
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LAYOUTS = ("{name}/adapter/" + ADAPTER_FILENAME, "{name}/" + ADAPTER_FILENAME, "{name}.safetensors")
 CHUNK = 1 << 20
+MAX_HEADERS = 4096  # remembered adapter-file headers (for /v1/models) before the memo starts over
 
 
 @dataclass
@@ -122,23 +123,28 @@ class AdapterStore:
     def takes_images(self, name: str) -> bool:
         """For /v1/models: can `name` take an image on this server? Read from its file's header
         (a few KB, remembered while the file's size and mtime stay the same), not by loading it."""
-        hit = self._cached(name)
+        with self.lock:  # a look, not a use: the LRU order stays as requests made it
+            hit = self.loaded.get(name)
         if hit is not None:
             return hit.image_refusal is None
-        remote = self._remote_path(name) if self.fs is not None and self.encoder is not None else None
-        if remote is None:
+        if self.fs is None or self.encoder is None:
             return False
-        info = self.fs.get_file_info(remote)
-        key = (remote, info.size, info.mtime_ns)
-        if key not in self.headers:
-            try:
-                if info.size is None or info.size > self.max_bytes:
-                    raise AdapterFileError("too large")
-                with self.fs.open_input_file(remote) as f:
-                    self.headers[key] = metadata_of(f, info.size, name)["vision"]
-            except Exception:  # an unreadable file says so when it is asked for; here it just takes no images
-                self.headers[key] = None
-        return self.headers[key] is not None and image_refusal(name, self.headers[key], self.encoder) is None
+        try:
+            remote = self._remote_path(name)
+            info = self.fs.get_file_info(remote) if remote else None
+            key = remote and (remote, info.size, info.mtime_ns)
+            if key and key not in self.headers:
+                if len(self.headers) >= MAX_HEADERS:
+                    self.headers.clear()
+                vision = None
+                if info.size is not None and info.size <= self.max_bytes:
+                    with self.fs.open_input_file(remote) as f:
+                        vision = metadata_of(f, info.size, name)["vision"]
+                self.headers[key] = vision
+        except Exception:  # an unreadable file says so when it is asked for; here it just takes no images
+            return False
+        vision = self.headers.get(key) if key else None
+        return vision is not None and image_refusal(name, vision, self.encoder) is None
 
     def _remote_path(self, name: str) -> str | None:
         for layout in LAYOUTS:

@@ -211,6 +211,9 @@ class AdapterServer:
             return await asyncio.to_thread(self._encode_image, adapter, data)
         except (ImageRequestError, ImageError) as e:
             raise ApiError(400, f"image: {e}", "messages", "invalid_image") from None
+        except Exception as e:  # whatever else an odd image makes the preprocessing raise: still this image's fault
+            raise ApiError(400, f"image could not be processed ({type(e).__name__})", "messages",
+                           "invalid_image") from None
 
     def _encode_image(self, adapter: LoadedAdapter, data: bytes):
         features, _ = features_for(self.encoder, [data])

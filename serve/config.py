@@ -39,7 +39,9 @@ class ServeConfig(Section):
     vision: VisionConfig | None = Field(
         None, description="the image encoder multimodal adapters were trained with (the training config's "
                           "`vision:`); without it, adapters answer text only")
-    max_image_bytes: int = Field(4 * 2**20, ge=1, description="a larger image (decoded bytes) gets 400")
+    max_image_bytes: int = Field(4 * 2**20, ge=1, description="a larger image (decoded bytes) gets 400; the "
+                                                              "body limit applies first (raise max_body_bytes to "
+                                                              "about 4/3 of this to take such images)")
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the API key; the replica refuses to "
                           "start when it is named but unset or empty. None: no key required")

@@ -170,3 +170,14 @@ def test_preprocess_job_refuses_a_multimodal_config(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", "scienceqa-tiny-cpu"])
     assert e.value.code == 2 and "pipelines.scienceqa" in capsys.readouterr().err
+
+
+def test_a_section_of_the_other_model_family_is_refused():
+    from pipelines.config import TrainConfig
+
+    with pytest.raises(ValueError, match="remove the `encoder` section"):
+        load_config(TrainConfig, "tiny-cpu", ["encoder.weights=vit.safetensors"])
+    with pytest.raises(ValueError, match="remove the `model` section"):
+        load_config(TrainConfig, "vit-digits-tiny-cpu", ["model.base=x", "model.tokenizer=y"])
+    with pytest.raises(ValueError, match="doc_stride"):
+        load_config(TrainConfig, "vit-digits-tiny-cpu", ["task=squad", "encoder.doc_stride=300"])

@@ -38,7 +38,9 @@ def vit_run(ray_cluster, tmp_path_factory):
                                 "adapter": {"prompt_len": 4, "layers": 2, "gate": "zero-init"}},
                        data={"source": str(tmp / "digits"), "out": str(tmp / "records")},
                        optim={"recipe": "custom", "lr": 0.05, "weight_decay": 0.0, "epochs": 2,
-                              "warmup_epochs": 0.2, "micro_batch_size": 32})
+                              "warmup_epochs": 0.2, "micro_batch_size": 32},
+                       # A worker dies once at step 15; Ray restarts the group from the step-10 checkpoint.
+                       checkpoint={"every_n_steps": 10}, fail_at_step=15)
     return cfg, run(cfg), tmp
 
 
@@ -47,6 +49,8 @@ def test_vit_adapter_learns_real_digits_through_ray_train_and_keeps_the_backbone
     from pipelines.evaluate_encoder import run as evaluate
 
     cfg, summary, tmp = vit_run
+    assert (tmp / "runs" / "vit" / ".fault_injected").is_file(), "the fault was never injected"
+    assert summary["steps"] == 44  # resumed from its checkpoint and finished
     assert summary["base_digest_start"] == summary["base_digest_end"]  # frozen ViT bit-identical
     stats = json.loads((tmp / "records" / "stats.json").read_text())
     assert stats["records_written"] == 1797 and stats["val_records"] == 359
@@ -75,6 +79,15 @@ def test_an_image_folder_with_bad_files_sets_them_aside_by_reason(vit_run, tmp_p
     stats = preprocess(bad)
     assert stats["rejected_by_reason"] == {"image_corrupt": 1, "outside_class_folder": 1}
     assert stats["records_written"] == 1797 and stats["records_read"] == 1799
+    import pyarrow.parquet as pq  # the rejects are listed, not written into a split
+
+    written = {split: pq.read_table(tmp_path / "out" / split).num_rows for split in ("train", "val")}
+    assert written == {"train": stats["train_records"], "val": stats["val_records"]}
+    limited = bad.model_copy(update={"data": bad.data.model_copy(update={"limit": 50, "out": str(tmp_path / "l")})})
+    stats = preprocess(limited)  # a seeded sample across classes, the whole val/ split kept
+    assert stats["train_records"] == 50 and stats["val_records"] == 359
+    labels = pq.read_table(tmp_path / "l" / "train").column("label").to_pylist()
+    assert len(set(labels)) >= 8, labels
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +96,9 @@ def squad_run(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("squad")
     train, dev = synthetic_squad(400, seed=1), synthetic_squad(60, seed=2)
+    long_question = {"id": "too-long", "question": "Which color " * 40 + "?", "answers": [], "is_impossible": True}
+    for data in (train, dev):  # a question longer than a window: set aside in training, answered "" in evaluation
+        data["data"][0]["paragraphs"][0]["qas"].append(dict(long_question))
     (tmp / "train.json").write_text(json.dumps(train))
     (tmp / "dev.json").write_text(json.dumps(dev))
     texts = [p["context"] + " " + q["question"] for a in train["data"] for p in a["paragraphs"] for q in p["qas"]]
@@ -103,13 +119,16 @@ def test_roberta_adapter_learns_a_synthetic_span_task_and_is_scored_the_official
     cfg, summary, tmp = squad_run
     assert summary["base_digest_start"] == summary["base_digest_end"]
     result = evaluate(cfg)
-    assert result["version_2"] and result["total"] == 60 and result["missing"] == 0
-    assert result["HasAns_total"] + result["NoAns_total"] == 60
+    stats = json.loads((tmp / "records" / "stats.json").read_text())
+    assert stats["rejected_by_reason"] == {"question_too_long": 1}
+    assert result["version_2"] and result["total"] == 61 and result["missing"] == 0
+    assert result["HasAns_total"] + result["NoAns_total"] == 61
+    assert result["errors"] == [{"id": "too-long", "error": "question_too_long"}]
     assert result["exact"] > 50, result  # answering "" everywhere would score the NoAns share (~20%)
     preds = [json.loads(x) for x in open(f"{result['out']}/predictions.jsonl")]
     contexts = {q["id"]: p["context"] for a in json.loads((tmp / "dev.json").read_text())["data"]
                 for p in a["paragraphs"] for q in p["qas"]}
-    assert len(preds) == 60 and all(p["prediction"] in contexts[p["id"]] for p in preds)  # spans or ""
+    assert len(preds) == 61 and all(p["prediction"] in contexts[p["id"]] for p in preds)  # spans or ""
     print(f"\n[measured] tiny random RoBERTa + zero-init prompts, synthetic SQuAD v2.0 dev: exact "
           f"{result['exact']:.1f}, F1 {result['f1']:.1f} (HasAns {result['HasAns_exact']:.1f}, "
           f"NoAns {result['NoAns_exact']:.1f}) after {summary['steps']} steps")

@@ -68,3 +68,20 @@ def test_more_than_one_image_or_one_outside_a_user_message_is_refused():
 def test_malformed_content_parts_fail_validation(content):
     with pytest.raises(ValueError):
         chat(("user", content))
+
+
+def test_an_extreme_strip_is_refused_before_preprocessing_blows_it_up():
+    """A 1 x 5000 PNG is ~100 bytes; resized to a 224-pixel short side it would be 224 x 1,120,000."""
+    import io
+
+    from PIL import Image
+
+    from adapter.vision import ImageError, decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 5000)).save(buf, format="PNG")
+    with pytest.raises(ImageError, match="more than 20:1"):
+        decode_image(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 100)).save(buf, format="PNG")
+    assert decode_image(buf.getvalue()).size == (640, 100)  # 6.4:1, a panorama, is fine
