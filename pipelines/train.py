@@ -195,10 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  adapter:     {summary['adapter']}")
     print(f"  metrics:     {summary['metrics']}  (TensorBoard: {summary['tensorboard']})")
     print(f"  loss curve:  {summary['loss_plot']}")
-    print(f"  samples:     {summary['samples']}")
     if m is None:
         print("  evaluate:    python -m pipelines.evaluate_encoder --config <this config> (top-1, or SQuAD EM / F1)")
         return summary
+    print(f"  samples:     {summary['samples']}")
     print(f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
           f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'")
     return summary
