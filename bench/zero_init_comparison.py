@@ -149,4 +149,33 @@ def run(quick: bool = False) -> dict:
     result["table"] = markdown(result)
     (RESULTS / "zero_init_comparison.md").write_text(result["table"] + "\n")
     path = write_result("zero_init_comparison", result)
+    plot(result, RESULTS / "zero_init_comparison.png")
     return json.loads(path.read_text())
+
+
+def plot(result: dict, path: Path) -> Path:
+    """One group per task, one bar per arm (mean of seeds), each seed's value as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.26
+    for k, arm in enumerate(ARMS):
+        xs = [i + (k - 1) * width for i in range(len(TASKS))]
+        means = [result["tasks"][t][arm][m] for t, m in TASKS]
+        ax.bar(xs, means, width, label=arm, color=["#4878a8", "#e07b39", "#999999"][k])
+        for x, (t, m) in zip(xs, TASKS):
+            runs = [r[m] for r in result["tasks"][t][arm]["runs"]]
+            ax.plot([x] * len(runs), runs, "k.", markersize=4)
+    ax.set_xticks(range(len(TASKS)), [t.replace("synthetic SQuAD v2.0: ", "SQuAD-style: ").replace(" / ", "\n") +
+                                       f" ({m})" for t, m in TASKS], fontsize=8)
+    ax.set_ylabel("held-out score, % (mean of seeds; dots: each seed)")
+    ax.set_title("zero-init vs gate fixed at 1 vs linear probe, tiny RANDOM backbones (CPU)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
