@@ -134,6 +134,7 @@ class AdapterServer:
         self.base, self.tok = loaded.base, loaded.tokenizer
         # Multimodal adapters (METHOD.md section 7): one frozen image encoder per replica, if configured.
         self.encoder = None if cfg.vision is None else ImageEncoder(cfg.vision, loaded.device, loaded.dtype)
+        self.image_slots = asyncio.Semaphore(cfg.max_concurrent_images)
         self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters,
                                      cfg.max_adapter_bytes, self.encoder.identity if self.encoder else None)
         self.engine = Engine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.max_waiting)
@@ -208,7 +209,8 @@ class AdapterServer:
             raise ApiError(400, adapter.image_refusal, "messages", "image_not_supported")
         try:
             data = image_bytes(url, self.cfg.max_image_bytes)
-            return await asyncio.to_thread(self._encode_image, adapter, data)
+            async with self.image_slots:  # a burst of images waits here instead of filling memory
+                return await asyncio.to_thread(self._encode_image, adapter, data)
         except (ImageRequestError, ImageError) as e:
             raise ApiError(400, f"image: {e}", "messages", "invalid_image") from None
         except Exception as e:  # whatever else an odd image makes the preprocessing raise: still this image's fault

@@ -39,6 +39,8 @@ class ServeConfig(Section):
     vision: VisionConfig | None = Field(
         None, description="the image encoder multimodal adapters were trained with (the training config's "
                           "`vision:`); without it, adapters answer text only")
+    max_concurrent_images: int = Field(2, ge=1, description="images decoded and encoded at once per replica; "
+                                                             "more wait (each can take ~100 MB while decoded)")
     max_image_bytes: int = Field(4 * 2**20, ge=1, description="a larger image (decoded bytes) gets 400; the "
                                                               "body limit applies first (raise max_body_bytes to "
                                                               "about 4/3 of this to take such images)")
