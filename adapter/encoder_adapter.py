@@ -26,7 +26,6 @@ to random prompts at full weight from step 0, the contrast to zero-init gating),
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from torch import nn
 
 from adapter.adapter_file import FORMAT as LLAMA_ADAPTER_FORMAT
 from adapter.adapter_file import AdapterFileError, write_atomically
+from adapter.hashing import sha256_of
 from adapter.settings import Section
 from adapter.zero_init import GatedPrompts, PromptKV, gated_prompt_attention
 
@@ -97,13 +97,9 @@ class BackboneSpec:
 
 
 def file_identity(path: str | Path) -> dict:
-    """sha256 of a weights file (read once, in chunks) and its name for messages."""
+    """sha256 of a weights file and its name for messages."""
     path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return {"name": path.name if path.name != "model.safetensors" else path.parent.name, "sha256": h.hexdigest()}
+    return {"name": path.name if path.name != "model.safetensors" else path.parent.name, "sha256": sha256_of(path)}
 
 
 def vit_spec(vit, weights: str | Path | None = None) -> BackboneSpec:

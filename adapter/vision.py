@@ -18,7 +18,6 @@ adapter's projection is only ever used with the encoder it was trained against.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from adapter.hashing import sha256_of
 from adapter.settings import Section, project_path
 
 WEIGHTS_FILE = "model.safetensors"
@@ -86,11 +86,7 @@ def encoder_identity(folder: str | Path, feature_layers: tuple[int, ...]) -> dic
     if not weights.is_file():
         raise FileNotFoundError(f"vision encoder {folder}: no {WEIGHTS_FILE} (a transformers save_pretrained folder "
                                 "with safetensors weights is expected)")
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return {"name": folder.name, "sha256": h.hexdigest(), "feature_layers": list(feature_layers)}
+    return {"name": folder.name, "sha256": sha256_of(weights), "feature_layers": list(feature_layers)}
 
 
 def same_encoder(a: dict, b: dict) -> bool:

@@ -13,7 +13,6 @@ Only the listing happens here (on the driver); the files are read by Ray Data's 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import glob
 import hashlib
 import os
@@ -23,6 +22,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapter.hashing import sha256_of
 
 CANONICAL_ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 CANONICAL_ALPACA_SHA256 = "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419"
@@ -57,23 +58,6 @@ class Source:
 
     def __str__(self) -> str:
         return str(self.local_file or self.spec)
-
-
-def sha256_of(path: Path) -> str:
-    """The file's sha256, read once per process while its size and mtime stay the same: a training
-    job that rebuilds its data checks the download, fingerprints it, and the preprocessing job
-    does both again; a multi-GB file was read four times."""
-    st = os.stat(path)
-    return _sha256_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256_of_stream(fs, path: str) -> str:

@@ -18,15 +18,13 @@ import hashlib
 import json
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
-from adapter.settings import add_config_args, config_from_args, project_path, save_config
+from adapter.settings import add_config_args, config_from_args, project_path
 from pipelines.config import TrainConfig
-from pipelines.folders import fresh_tmp, replace_dir
-from pipelines.multimodal_data import from_rows, listing_digest, read_image, sha256_file
+from pipelines.multimodal_data import from_rows, listing_digest, read_image, sha256_file, write_output
 
 FORMAT_VERSION = 1
 IMAGE_SCHEMA = pa.schema([("idx", pa.int64()), ("key", pa.string()), ("split", pa.string()),
@@ -142,13 +140,14 @@ class SquadWindows:
 
 
 # --- the job --------------------------------------------------------------------------------------
-def fingerprint(cfg: TrainConfig) -> dict:
+def fingerprint(cfg: TrainConfig, images: tuple[list[str], list[dict]] | None = None) -> dict:
+    """images: `image_rows(cfg)` when the caller has it already (listing a large folder costs)."""
     source = Path(project_path(cfg.data.source))
     d = cfg.data
     common = {"format": FORMAT_VERSION, "task": cfg.task, "val_fraction": d.val_fraction, "seed": d.seed,
               "limit": d.limit}
     if cfg.task == "image-classification":
-        classes, rows = image_rows(cfg)
+        classes, rows = images or image_rows(cfg)
         return {**common, "images": listing_digest([Path(r["path"]) for r in rows if r["path"]]), "classes": classes}
     tokenizer = Path(project_path(cfg.encoder.weights)) / "tokenizer.json"
     return {**common, "squad_sha256": sha256_file(source), "max_seq_len": d.max_seq_len,
@@ -163,6 +162,7 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.time()
     if cfg.task == "image-classification":
         classes, rows = image_rows(cfg)
+        fp = fingerprint(cfg, (classes, rows))
         processed = from_rows(rows).map_batches(read_images, batch_format="pyarrow", batch_size=64)
         columns, extra = ["idx", "key", "label", "image"], {"classes": classes}
     else:
@@ -172,39 +172,11 @@ def run(cfg: TrainConfig) -> dict:
                                                cfg.encoder.doc_stride),
             batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
         columns, extra = ["idx", "key", *SQUAD_COLUMNS], {"questions": sum(1 for r in rows if not r["reason"])}
+        fp = fingerprint(cfg)
     if not rows:
         raise ValueError(f"{cfg.data.source}: no records for task {cfg.task}")
-    processed = processed.materialize()
-    return write_records(processed, columns, Path(project_path(cfg.data.out)), cfg,
-                         {"task": cfg.task, "source": cfg.data.source, **extra}, t0)
-
-
-def write_records(processed, columns: list[str], out: Path, cfg: TrainConfig, extra: dict, t0: float) -> dict:
-    """The splits, rejects.jsonl and stats.json (last) into a fresh folder swapped in at `out`."""
-    import ray
-    from ray.data.expressions import col
-
-    tmp = fresh_tmp(out)
-    for split in ("train", "val"):
-        (tmp / split).mkdir()
-        processed.filter(expr=col("split") == split).select_columns(columns).write_parquet(str(tmp / split))
-    summary = pa.concat_tables(ray.get(processed.select_columns(
-        ["idx", "key", "split", "reject_reason", "reject_detail"]).to_arrow_refs())).sort_by("idx").to_pylist()
-    reasons = Counter(r["reject_reason"] for r in summary if r["reject_reason"])
-    with open(tmp / "rejects.jsonl", "w") as f:
-        for r in summary:
-            if r["reject_reason"]:
-                f.write(json.dumps({"index": r["idx"], "key": r["key"], "reason": r["reject_reason"],
-                                    "detail": r["reject_detail"]}) + "\n")
-    splits = Counter(r["split"] for r in summary if not r["reject_reason"])
-    stats = {**extra, "records_read": len(summary), "records_written": splits["train"] + splits["val"],
-             "records_rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),
-             "train_records": splits["train"], "val_records": splits["val"], "seconds": round(time.time() - t0, 2),
-             "fingerprint": fingerprint(cfg)}
-    save_config(cfg, tmp / "config.yaml")
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    replace_dir(tmp, out)
-    return stats
+    return write_output(processed.materialize(), Path(project_path(cfg.data.out)), cfg, fp,
+                        {"task": cfg.task, "source": cfg.data.source, **extra}, t0, columns)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -116,8 +116,8 @@ class EncoderRecipe(AdapterRecipe):
             loss, right = self.batch_loss(self.train_inputs, rows)
             self.engine.backward(loss)
             self.engine.step()
-            sums += torch.stack([loss.detach().double() * len(rows), right.double(),
-                                 torch.tensor(float(len(rows)), dtype=torch.float64, device=self.device)])
+            n = torch.tensor(float(len(rows)), dtype=torch.float64, device=self.device)
+            sums += torch.stack([loss.detach().double() * n, right.double(), n])
         self.step += 1
         loss_sum, right, n = all_reduce_sum(sums)
         dt = time.perf_counter() - t0
@@ -138,8 +138,8 @@ class EncoderRecipe(AdapterRecipe):
             for i in range(0, n_val, mb):
                 rows = torch.arange(i, min(i + mb, n_val))
                 loss, right = self.batch_loss(self.val_inputs, rows)
-                sums += torch.tensor([loss.item() * len(rows), float(right), float(len(rows))], dtype=torch.float64,
-                                     device=self.device)
+                n = torch.tensor(float(len(rows)), dtype=torch.float64, device=self.device)
+                sums += torch.stack([loss.double() * n, right.double(), n])  # no host sync per batch
             loss_sum, right, n = all_reduce_sum(sums).tolist()
             self.val_loss = loss_sum / n if n else float("nan")
             self.val_accuracy = right / n if n else float("nan")

@@ -121,16 +121,11 @@ def eval_images(cfg: TrainConfig) -> tuple[list[dict], dict]:
 
 def pool_map(cfg: TrainConfig, adapter: str, rows: list[dict]) -> list[dict]:
     import pyarrow as pa
-    import ray
 
-    e = cfg.evaluation
-    table = pa.Table.from_pylist(rows)
-    size = max(1, e.batch_size * 4)
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, len(rows), size)])
-    resources = {"num_cpus": e.cpus_per_actor, **({"num_gpus": e.gpus_per_actor} if e.gpus_per_actor else {})}
-    return ds.map_batches(EncoderPredictor, fn_constructor_args=(cfg.model_dump(mode="json"), adapter),
-                          batch_size=e.batch_size, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=e.actors), **resources).take_all()
+    from pipelines.multimodal_predict import map_with_actor_pool
+
+    return map_with_actor_pool(pa.Table.from_pylist(rows), EncoderPredictor, (cfg.model_dump(mode="json"), adapter),
+                               cfg.evaluation)
 
 
 def run(cfg: TrainConfig) -> dict:

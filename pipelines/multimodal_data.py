@@ -1,5 +1,6 @@
 """The training-record layout of the multimodal tasks (ScienceQA, COCO Caption), shared by their
-Ray Data jobs (`pipelines/scienceqa.py`, `pipelines/coco.py`).
+Ray Data jobs (`pipelines/scienceqa.py`, `pipelines/coco.py`); the encoder tasks'
+(`pipelines/encoder_data.py`) write their own columns through the same `write_output`.
 
 The output is the layout the training job reads for Alpaca (`<out>/train/*.parquet`,
 `<out>/val/*.parquet` with idx, input_ids, labels, num_tokens, num_response_tokens, truncated;
@@ -93,18 +94,22 @@ def set_record(rows: dict, i: int, tok, prompt: str, response: str, max_seq_len:
     rows["split"][i], rows["image"][i], rows["reject_reason"][i] = split, image, ""
 
 
-def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: float) -> dict:
-    """Write the splits, rejects.jsonl and stats.json (last) into a fresh folder swapped in at `out`."""
+def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: float,
+                 columns: list[str] = RECORD_COLUMNS) -> dict:
+    """Write the splits, rejects.jsonl and stats.json (last) into a fresh folder swapped in at `out`.
+    `columns`: what the trainer reads (the encoder tasks have no token counts; their stats skip them).
+    A reject has split "" and so lands in no split."""
     import ray
     from ray.data.expressions import col
 
+    tokens = "num_tokens" in columns
     tmp = fresh_tmp(out)
     for split in ("train", "val"):
         (tmp / split).mkdir()  # an empty split folder still tells readers "none"
-        processed.filter(expr=col("split") == split).select_columns(RECORD_COLUMNS).write_parquet(str(tmp / split))
+        processed.filter(expr=col("split") == split).select_columns(columns).write_parquet(str(tmp / split))
     summary = pa.concat_tables(ray.get(processed.select_columns(
-        ["idx", "key", "split", "num_tokens", "num_response_tokens", "truncated", "reject_reason",
-         "reject_detail"]).to_arrow_refs())).sort_by("idx")
+        ["idx", "key", "split", "reject_reason", "reject_detail"]
+        + (["num_tokens", "num_response_tokens", "truncated"] if tokens else [])).to_arrow_refs())).sort_by("idx")
     reasons = Counter(r for r in summary.column("reject_reason").to_pylist() if r)
     with open(tmp / "rejects.jsonl", "w") as f:
         for r in summary.to_pylist():
@@ -113,7 +118,6 @@ def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: 
                                     "detail": r["reject_detail"]}) + "\n")
     kept = [r for r in summary.to_pylist() if not r["reject_reason"]]
     splits = Counter(r["split"] for r in kept)
-    lengths = np.array([r["num_tokens"] for r in kept])
     stats = {
         **extra,
         "records_read": summary.num_rows,
@@ -122,13 +126,14 @@ def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: 
         "rejected_by_reason": dict(sorted(reasons.items())),
         "train_records": splits.get("train", 0),
         "val_records": splits.get("val", 0),
-        "truncated": sum(1 for r in kept if r["truncated"]),
-        "total_tokens": int(lengths.sum()) if len(lengths) else 0,
-        "response_tokens": sum(r["num_response_tokens"] for r in kept),
-        "token_length_max": int(lengths.max()) if len(lengths) else 0,
-        "seconds": round(time.time() - t0, 2),
-        "fingerprint": fingerprint,
     }
+    if tokens:
+        lengths = np.array([r["num_tokens"] for r in kept])
+        stats.update({"truncated": sum(1 for r in kept if r["truncated"]),
+                      "total_tokens": int(lengths.sum()) if len(lengths) else 0,
+                      "response_tokens": sum(r["num_response_tokens"] for r in kept),
+                      "token_length_max": int(lengths.max()) if len(lengths) else 0})
+    stats.update({"seconds": round(time.time() - t0, 2), "fingerprint": fingerprint})
     save_config(cfg, tmp / "config.yaml")
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))  # last: marks the output complete
     replace_dir(tmp, out)

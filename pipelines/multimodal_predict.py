@@ -19,7 +19,7 @@ from adapter.generation import SamplingParams, generate
 from adapter.loader import load_model
 from adapter.model import PromptKV
 from adapter.vision import ImageEncoder, ImageError, decode_image, features_for
-from pipelines.config import TrainConfig
+from pipelines.config import EvalConfig, TrainConfig
 
 
 def split_rows(prefixes: dict[int, PromptKV], n: int) -> list[dict[int, PromptKV]]:
@@ -78,7 +78,6 @@ class Predictor:
 def predict(cfg: TrainConfig, adapter_path: str, rows: list[dict]) -> list[dict]:
     """Run `rows` ({key, prompt, image}) through an actor pool of Predictors; results by key."""
     import pyarrow as pa
-    import ray
 
     e = cfg.evaluation
     # Rows of similar length share a batch: a left-padded batch costs its longest prompt squared
@@ -86,12 +85,16 @@ def predict(cfg: TrainConfig, adapter_path: str, rows: list[dict]) -> list[dict]
     rows = sorted(rows, key=lambda r: len(r["prompt"]))
     table = pa.Table.from_pylist(rows, schema=pa.schema([("key", pa.string()), ("prompt", pa.string()),
                                                          ("image", pa.binary())]))
+    return map_with_actor_pool(table, Predictor, (cfg.model_dump(mode="json"), adapter_path, e.max_gen_len), e)
+
+
+def map_with_actor_pool(table, predictor: type, args: tuple, e: EvalConfig) -> list[dict]:
+    """Rows through `predictor(*args)` held in `e.actors` Ray Data actors (each loads its model
+    once), `e.batch_size` rows per call, the GPU share Ray reserves per actor; results on the driver."""
+    import ray
+
     size = max(1, e.batch_size * 4)
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, len(rows), size)])
-    resources = {"num_cpus": e.cpus_per_actor}
-    if e.gpus_per_actor:
-        resources["num_gpus"] = e.gpus_per_actor
-    out = ds.map_batches(Predictor, fn_constructor_args=(cfg.model_dump(mode="json"), adapter_path, e.max_gen_len),
-                         batch_size=e.batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=e.actors), **resources).take_all()
-    return out
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
+    resources = {"num_cpus": e.cpus_per_actor, **({"num_gpus": e.gpus_per_actor} if e.gpus_per_actor else {})}
+    return ds.map_batches(predictor, fn_constructor_args=args, batch_size=e.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=e.actors), **resources).take_all()
