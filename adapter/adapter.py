@@ -5,7 +5,7 @@ gate table (adapter/zero_init.py, shared with the ViT and RoBERTa adapters). For
 layer the prompt goes through that layer's frozen wk / wv (no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
 start at 0, so an untrained adapter leaves the base model's outputs exactly unchanged.
 Multimodal (section 7): an optional projection turns image features into one token that is added
-to every adapted layer's prompt (the encoder and projection live in adapter/vision.py).
+to every adapted layer's prompt (the encoder and projection live in adapter/image_encoder.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from adapter.config import ModelArgs
 from adapter.model import Transformer, build_on_meta
+from adapter.model_args import ModelArgs
 from adapter.zero_init import GATE_ACTIVATIONS, GatedPrompts, PromptKV
 
 IGNORE_INDEX = -100  # label for positions outside the loss (not 0: that is a real token, <unk>)
@@ -51,15 +51,29 @@ class AdapterConfig:
 class AdaptionPrompts(GatedPrompts):
     """The trainable part for one LLaMA shape: prompts (L, K, dim) and gates (L, n_heads)."""
 
-    def __init__(self, args: ModelArgs, config: AdapterConfig = AdapterConfig(),
-                 dtype: torch.dtype = torch.float32, device=None, projection: nn.Module | None = None):
+    def __init__(
+        self,
+        args: ModelArgs,
+        config: AdapterConfig = AdapterConfig(),
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        projection: nn.Module | None = None,
+    ):
         n_adapted = config.layers_for(args)
-        super().__init__(n_adapted, config.adapter_len, args.dim, args.n_heads, config.init_std,
-                         config.gate_activation, dtype, device)
+        super().__init__(
+            n_adapted,
+            config.adapter_len,
+            args.dim,
+            args.n_heads,
+            config.init_std,
+            config.gate_activation,
+            dtype,
+            device,
+        )
         self.config = config
         self.n_layers = args.n_layers
         self.first_layer = args.n_layers - n_adapted
-        # Multimodal only: image features -> one (dim,) token per image (adapter/vision.py).
+        # Multimodal only: image features -> one (dim,) token per image (adapter/image_encoder.py).
         self.projection = projection
 
     @property
@@ -101,12 +115,18 @@ class AdaptedLlama(nn.Module):
         self.adapter = prompts
         base.requires_grad_(False)
 
-    def hidden(self, tokens: torch.Tensor, image_features: torch.Tensor | None = None,
-               image_present: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        image_present: torch.Tensor | None = None,
+        **kw,
+    ) -> torch.Tensor:
         """image_features: (B, F) from the frozen encoder (multimodal adapters); image_present: (B,) bool."""
         visual = None if image_features is None else self.adapter.image_tokens(image_features, image_present)
-        return self.base.hidden(tokens, prefixes=self.adapter.prefixes(self.base, visual),
-                                no_grad_below=self.adapter.first_layer, **kw)
+        return self.base.hidden(
+            tokens, prefixes=self.adapter.prefixes(self.base, visual), no_grad_below=self.adapter.first_layer, **kw
+        )
 
     def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         return self.base.output(self.hidden(tokens, **kw)).float()
@@ -168,9 +188,12 @@ def batch_prefixes(rows: list[dict[int, PromptKV] | None]) -> dict[int, PromptKV
             if p is None or p.k.shape[2] != ref.k.shape[2]:
                 if p is not None:
                     raise ValueError("adapters with different prompt lengths cannot share a batch")
-                ks.append(torch.zeros_like(ref.k)); vs.append(torch.zeros_like(ref.v))
+                ks.append(torch.zeros_like(ref.k))
+                vs.append(torch.zeros_like(ref.v))
                 gs.append(torch.zeros_like(ref.gate))
             else:
-                ks.append(p.k); vs.append(p.v); gs.append(p.gate)
+                ks.append(p.k)
+                vs.append(p.v)
+                gs.append(p.gate)
         out[i] = PromptKV(k=torch.cat(ks), v=torch.cat(vs), gate=torch.cat(gs))
     return out

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
-from adapter.config import ModelArgs
+from adapter.model_args import ModelArgs
 
 FORMAT = "llama-adapter"
 FORMAT_VERSION = "1"
@@ -42,13 +42,19 @@ def save_adapter(prompts: AdaptionPrompts, args: ModelArgs, path: str | Path, ex
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adapter_config": json.dumps(prompts.config.to_dict()),
-        "base_shape": json.dumps({"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-                                  "n_kv_heads": args.kv_heads, "vocab_size": args.vocab_size}),
+        "base_shape": json.dumps(
+            {
+                "dim": args.dim,
+                "n_layers": args.n_layers,
+                "n_heads": args.n_heads,
+                "n_kv_heads": args.kv_heads,
+                "vocab_size": args.vocab_size,
+            }
+        ),
         "dtype": str(prompts.prompt.dtype).removeprefix("torch."),
         "extra": json.dumps(extra or {}),
     }
-    tensors = {"prompt": prompts.prompt.detach().cpu().contiguous(),
-               "gate": prompts.gate.detach().cpu().contiguous()}
+    tensors = {"prompt": prompts.prompt.detach().cpu().contiguous(), "gate": prompts.gate.detach().cpu().contiguous()}
     if prompts.projection is not None:
         proj = prompts.projection
         meta["vision"] = json.dumps({"encoder": proj.encoder, **proj.shape()})
@@ -82,10 +88,16 @@ def metadata_of(f, size: int, path: str | Path) -> dict:
     raw = _header(f, size, path)
     meta = raw.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{path}: a safetensors file but not a LLaMA-Adapter file (format={meta.get('format')!r})")
+        raise AdapterFileError(
+            f"{path}: a safetensors file but not a LLaMA-Adapter file (format={meta.get('format')!r})"
+        )
     try:
-        out = {"adapter_config": json.loads(meta["adapter_config"]), "base_shape": json.loads(meta["base_shape"]),
-               "dtype": meta.get("dtype"), "extra": json.loads(meta.get("extra", "{}"))}
+        out = {
+            "adapter_config": json.loads(meta["adapter_config"]),
+            "base_shape": json.loads(meta["base_shape"]),
+            "dtype": meta.get("dtype"),
+            "extra": json.loads(meta.get("extra", "{}")),
+        }
         if not all(isinstance(out[k], dict) for k in ("adapter_config", "base_shape", "extra")):
             raise ValueError("adapter_config, base_shape and extra must be JSON objects")
         out["config"] = AdapterConfig(**out["adapter_config"])
@@ -99,17 +111,30 @@ def metadata_of(f, size: int, path: str | Path) -> dict:
     return out
 
 
-def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", encoder: dict | None = None) -> AdaptionPrompts:
+def load_adapter(
+    path: str | Path,
+    args: ModelArgs,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    encoder: dict | None = None,
+) -> AdaptionPrompts:
     """encoder: the identity of the image encoder in use (`ImageEncoder.identity`) when the adapter
     will see images; a text-only file or a file trained with another encoder is then refused."""
     path = _resolve(path)
     meta = read_metadata(path)
     _check_encoder(path, meta["vision"], encoder)
-    expected = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-                "n_kv_heads": args.kv_heads, "vocab_size": args.vocab_size}
-    diffs = [f"{k}: adapter {meta['base_shape'].get(k)} vs base {v}" for k, v in expected.items()
-             if meta["base_shape"].get(k) != v]
+    expected = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.kv_heads,
+        "vocab_size": args.vocab_size,
+    }
+    diffs = [
+        f"{k}: adapter {meta['base_shape'].get(k)} vs base {v}"
+        for k, v in expected.items()
+        if meta["base_shape"].get(k) != v
+    ]
     if diffs:
         raise AdapterFileError(f"{path}: adapter was trained for a different base model ({'; '.join(diffs)})")
     config = meta["config"]
@@ -127,32 +152,40 @@ def load_adapter(path: str | Path, args: ModelArgs, dtype: torch.dtype = torch.f
         if name not in tensors:
             raise AdapterFileError(f"{path}: missing tensor {name!r}")
         if tuple(tensors[name].shape) != want:
-            raise AdapterFileError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                   f"expected {want} for this base and config {config}")
+            raise AdapterFileError(
+                f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"expected {want} for this base and config {config}"
+            )
         if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
             raise AdapterFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
     # The projection stays fp32 beside fp32 prompts, whatever `dtype` the prompts are asked in.
-    prompts.load_state_dict({k: tensors[k].to(device=device, dtype=dtype if k in ("prompt", "gate") else torch.float32)
-                             for k in expected}, assign=True)
+    prompts.load_state_dict(
+        {k: tensors[k].to(device=device, dtype=dtype if k in ("prompt", "gate") else torch.float32) for k in expected},
+        assign=True,
+    )
     prompts.requires_grad_(True)
     return prompts
 
 
 def _check_encoder(path: Path, vision: dict | None, encoder: dict | None) -> None:
-    from adapter.vision import describe_encoder, same_encoder
+    from adapter.image_encoder import describe_encoder, same_encoder
 
     if encoder is None:
         return
     if vision is None:
-        raise AdapterFileError(f"{path}: a text-only adapter (no visual projection); it cannot take images from "
-                               f"encoder {describe_encoder(encoder)}")
+        raise AdapterFileError(
+            f"{path}: a text-only adapter (no visual projection); it cannot take images from "
+            f"encoder {describe_encoder(encoder)}"
+        )
     if not same_encoder(vision.get("encoder") or {}, encoder):
-        raise AdapterFileError(f"{path}: trained with image encoder {describe_encoder(vision.get('encoder') or {})}, "
-                               f"not {describe_encoder(encoder)}")
+        raise AdapterFileError(
+            f"{path}: trained with image encoder {describe_encoder(vision.get('encoder') or {})}, "
+            f"not {describe_encoder(encoder)}"
+        )
 
 
 def _projection(path: Path, meta: dict, args: ModelArgs):
-    from adapter.vision import VisualProjection
+    from adapter.image_encoder import VisualProjection
 
     vision = meta["vision"]
     if vision is None:
@@ -160,8 +193,9 @@ def _projection(path: Path, meta: dict, args: ModelArgs):
     try:
         if vision["dim"] != args.dim:
             raise AdapterFileError(f"{path}: visual projection outputs width {vision['dim']}, base is {args.dim}")
-        return VisualProjection(int(vision["in_features"]), int(vision["hidden"]), args.dim, vision["encoder"],
-                                device="meta")
+        return VisualProjection(
+            int(vision["in_features"]), int(vision["hidden"]), args.dim, vision["encoder"], device="meta"
+        )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, AdapterFileError):
             raise
@@ -181,7 +215,9 @@ def import_v1_adapter(path: str | Path, args: ModelArgs, adapter_len: int = 10) 
     q = sd["adapter_query.weight"]
     n_adapted = q.shape[0] // adapter_len
     if q.shape[0] % adapter_len or q.shape[1] != args.dim or n_adapted > args.n_layers:
-        raise AdapterFileError(f"{path}: adapter_query.weight {tuple(q.shape)} does not fit K={adapter_len}, dim={args.dim}")
+        raise AdapterFileError(
+            f"{path}: adapter_query.weight {tuple(q.shape)} does not fit K={adapter_len}, dim={args.dim}"
+        )
     prompts = AdaptionPrompts(args, AdapterConfig(adapter_len, n_adapted, gate_activation="identity"))
     gates = []
     for i in prompts.adapted_layers:

@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from adapter.config import ModelArgs
+from adapter.model_args import ModelArgs
 
 
 def block_matmul_params(args: ModelArgs) -> int:
@@ -40,15 +40,17 @@ def _forward_parts(args: ModelArgs, adapted_layers: int, adapter_len: int, conte
     per_layer_linear = 2 * block_matmul_params(args)
     per_layer_attn = 4 * args.dim * context  # q.k over `context` keys, then p.v: 2 FLOPs each
     return {
-        "linear": per_layer_linear, "attention": per_layer_attn,
+        "linear": per_layer_linear,
+        "attention": per_layer_attn,
         "prompt": 4 * args.dim * adapter_len,  # the same two products over the K prompt slots
         "head": 2 * args.dim * args.vocab_size,
         "adapted_layers": min(adapted_layers, args.n_layers),
     }
 
 
-def training_flops_per_token(args: ModelArgs, adapted_layers: int, adapter_len: int, seq_len: float,
-                             logits_fraction: float = 1.0) -> float:
+def training_flops_per_token(
+    args: ModelArgs, adapted_layers: int, adapter_len: int, seq_len: float, logits_fraction: float = 1.0
+) -> float:
     """Forward + backward FLOPs per token of a batch padded to `seq_len`.
 
     Causal attention: a query at position t sees t+1 keys, so the mean context is ~seq_len/2

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from adapter.adapter_file import AdapterFileError, import_v1_adapter, load_adapter, read_metadata
-from adapter.generation import SamplingParams, generate, prefixes_for
+from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.loader import load_model
 from adapter.prompts import format_prompt
 from adapter.settings import ModelSource
@@ -31,20 +31,28 @@ def main(argv: list[str] | None = None) -> list[str]:
     g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
     ap.add_argument("--input", default="", help="optional input for --instruction")
     ap.add_argument("--image", help="image file for a multimodal adapter")
-    ap.add_argument("--encoder", help="folder of the CLIP vision tower the adapter was trained with (default: from its training.json)")
+    ap.add_argument(
+        "--encoder",
+        help="folder of the CLIP vision tower the adapter was trained with (default: from its training.json)",
+    )
     ap.add_argument("--max-gen-len", type=int, default=SamplingParams.max_gen_len)
     ap.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     ap.add_argument("--top-p", type=float, default=SamplingParams.top_p)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
-                    help="hold the base's block linears in int8 or int4 (adapter/quantize.py)")
+    ap.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="hold the base's block linears in int8 or int4 (adapter/quantize.py)",
+    )
     a = ap.parse_args(argv)
 
     try:
-        loaded = load_model(ModelSource(base=a.base, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device,
-                                        quantize=a.quantize))
+        loaded = load_model(
+            ModelSource(base=a.base, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, quantize=a.quantize)
+        )
     except ValueError as e:
         ap.error(str(e))
     base, tok, device = loaded.base, loaded.tokenizer, loaded.device
@@ -63,8 +71,9 @@ def main(argv: list[str] | None = None) -> list[str]:
             prefixes = adapter.prefixes(base, visual)
     else:
         prefixes = prefixes_for(base, adapter)
-    outs = generate(base, [tok.encode(t) for t in texts], params, tok.eos_id,
-                    adapters=[prefixes] * len(texts), generator=gen)
+    outs = generate(
+        base, [tok.encode(t) for t in texts], params, tok.eos_id, adapters=[prefixes] * len(texts), generator=gen
+    )
     completions = [tok.decode(o) for o in outs]
     for c in completions:
         print(c)
@@ -86,7 +95,7 @@ def _trained_encoder(adapter: str) -> str | None:
 
 def _image_adapter(ap, a, base, device, dtype):
     """The multimodal adapter and the image's token; every way it cannot work ends in a named error."""
-    from adapter.vision import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
+    from adapter.image_encoder import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
 
     if not a.adapter:
         ap.error("--image needs a multimodal --adapter")
@@ -96,10 +105,15 @@ def _image_adapter(ap, a, base, device, dtype):
             ap.error(f"{a.adapter} is a text-only adapter; --image needs a multimodal one")
         encoder_dir = a.encoder or _trained_encoder(a.adapter)
         if not encoder_dir:
-            ap.error(f"--image needs --encoder DIR (this adapter was trained with image encoder "
-                     f"{vision['encoder'].get('name')!r})")
-        encoder = ImageEncoder(VisionConfig(encoder=encoder_dir, feature_layers=tuple(vision["encoder"]["feature_layers"])),
-                               device=device, dtype=dtype)
+            ap.error(
+                f"--image needs --encoder DIR (this adapter was trained with image encoder "
+                f"{vision['encoder'].get('name')!r})"
+            )
+        encoder = ImageEncoder(
+            VisionConfig(encoder=encoder_dir, feature_layers=tuple(vision["encoder"]["feature_layers"])),
+            device=device,
+            dtype=dtype,
+        )
         adapter = load_adapter(a.adapter, base.args, device=device, encoder=encoder.identity)
         with open(a.image, "rb") as f:
             data = f.read()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from adapter.checkpoint import context_length, load_base
-from adapter.config import preset
+from adapter.base_weights import context_length, load_base
 from adapter.model import Transformer, build_on_meta
+from adapter.model_args import preset
 from adapter.quantize import quantize_base
 from adapter.settings import ModelSource, project_path
 from adapter.tokenizer import Tokenizer
@@ -71,8 +71,10 @@ def load_model(source: ModelSource, device: str | torch.device | None = None) ->
     else:
         raise FileNotFoundError(f"model.base {base_path} not found and no model.preset fallback given")
     if tokenizer.vocab_size != base.args.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
-                         f"vocabulary is {base.args.vocab_size}: they do not belong together")
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
+            f"vocabulary is {base.args.vocab_size}: they do not belong together"
+        )
     if source.quantize != "none":
         base = quantize_base(base, source.quantize, dev)
         note += f"; blocks' linear layers quantized to {source.quantize}"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapter.config import ModelArgs
+from adapter.model_args import ModelArgs
 from adapter.zero_init import PromptKV, attend, gated_prompt_attention
 
 
@@ -104,8 +104,9 @@ class Attention(nn.Module):
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         return k, v
 
-    def forward(self, x, freqs, mask, start: int = 0, cache: KVCache | None = None,
-                prefix: PromptKV | None = None) -> torch.Tensor:
+    def forward(
+        self, x, freqs, mask, start: int = 0, cache: KVCache | None = None, prefix: PromptKV | None = None
+    ) -> torch.Tensor:
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
         k, v = self.project_kv(x)
         q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
@@ -165,9 +166,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def hidden(self, tokens: torch.Tensor, start: int | list[int] = 0, pad: torch.Tensor | None = None,
-               caches: list[KVCache] | None = None, prefixes: dict[int, PromptKV] | None = None,
-               no_grad_below: int = 0) -> torch.Tensor:
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        start: int | list[int] = 0,
+        pad: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        prefixes: dict[int, PromptKV] | None = None,
+        no_grad_below: int = 0,
+    ) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim) for `tokens` occupying slots start..start+T.
 
         start: one first slot for the batch, or one per row (continuous batching: every row at its

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from adapter.adapter import AdapterConfig, parameter_counts
-from adapter.config import PRESETS, preset
+from adapter.model_args import PRESETS, preset
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -54,8 +54,15 @@ from adapter.settings import ModelSource
 
 QUANTIZE_CHOICES = get_args(ModelSource.model_fields["quantize"].annotation)  # ("none", "int8", "int4")
 INT4_BLOCKSIZE = 64  # QLoRA's setting; bitsandbytes' CUDA kernels take blocks of 64 and up
-BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+BLOCK_LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 
 
 def _bnb():
@@ -138,12 +145,26 @@ def quantize_linear(linear: nn.Linear, mode: str, device: torch.device | str | N
     elif mode == "int4":
         bnb = _bnb()
         dtype = linear.weight.dtype
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
-                              compress_statistics=True, quant_type="nf4", quant_storage=dtype, device="meta")
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            quant_storage=dtype,
+            device="meta",
+        )
         # Params4bit quantizes when it is moved to a device (also the one it is already on).
-        q.weight = bnb.nn.Params4bit(linear.weight.detach().to(device), requires_grad=False,
-                                     compress_statistics=True, quant_type="nf4", blocksize=INT4_BLOCKSIZE,
-                                     quant_storage=dtype, module=q).to(device)
+        q.weight = bnb.nn.Params4bit(
+            linear.weight.detach().to(device),
+            requires_grad=False,
+            compress_statistics=True,
+            quant_type="nf4",
+            blocksize=INT4_BLOCKSIZE,
+            quant_storage=dtype,
+            module=q,
+        ).to(device)
         q.support_avx512bf16_for_cpu = False  # keeps backward working: see the module docstring
     else:
         raise ValueError(f"cannot quantize a linear layer to {mode!r}; choose int8 or int4")

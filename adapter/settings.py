@@ -44,11 +44,13 @@ class ModelSource(Section):
     preset: str | None = Field(None, description="random-initialised base of a named shape (last resort)")
     tokenizer: str = Field(description="the base model's SentencePiece tokenizer.model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)")
+        "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)"
+    )
     device: str | None = Field(None, description="auto: cuda when available, else cpu")
     quantize: Literal["none", "int8", "int4"] = Field(
-        "none", description="hold the frozen blocks' linear layers in int8 (LLM.int8) or int4 (NF4); "
-                            "see adapter/quantize.py")
+        "none",
+        description="hold the frozen blocks' linear layers in int8 (LLM.int8) or int4 (NF4); see adapter/quantize.py",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -103,8 +105,9 @@ def resolve_config_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"config {str(name)!r} not found (looked in . and {CONFIG_DIR})")
 
 
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | dict = (),
-                ignore: set[str] = frozenset()) -> C:
+def load_config(
+    cls: type[C], path: str | Path | None, overrides: list[str] | dict = (), ignore: set[str] = frozenset()
+) -> C:
     """`ignore`: top-level sections that belong to another job reading the same file."""
     data = {}
     if path is not None:
@@ -125,8 +128,14 @@ def save_config(config: BaseModel, path: Path) -> Path:
 def add_config_args(ap: argparse.ArgumentParser, default: str | None) -> None:
     """The same two flags on every job: a YAML file (or preset name) and `--set` overrides."""
     ap.add_argument("--config", default=default, help=f"YAML file or preset name in configs/ (default {default})")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config value, e.g. --set optim.epochs=1 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.epochs=1 (repeatable)",
+    )
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -174,7 +183,8 @@ def project_root() -> Path:
             raise RuntimeError(
                 "this job runs in Ray's temporary copy of its working dir, and relative paths there "
                 f"would read and write inside that copy: set {ROOT_ENV} (e.g. --runtime-env-json "
-                f"'{{\"env_vars\": {{\"{ROOT_ENV}\": \"/path/to/project\"}}}}') or use absolute paths")
+                f'\'{{"env_vars": {{"{ROOT_ENV}": "/path/to/project"}}}}\') or use absolute paths'
+            )
         return source
     return Path.cwd()
 

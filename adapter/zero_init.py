@@ -49,8 +49,9 @@ _NATIVE_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:
 def attend(q, k, v, rep: int = 1, mask=None, is_causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention, (B, heads, T, head_dim), with `rep` query heads per kv head."""
     if rep == 1 or not _NATIVE_GQA:
-        return F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask,
-                                              is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask, is_causal=is_causal
+        )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
 
 
@@ -73,8 +74,17 @@ class GatedPrompts(nn.Module):
     inference code, which multiplies by the raw gate.
     """
 
-    def __init__(self, n_layers: int, prompt_len: int, dim: int, n_heads: int, init_std: float = 1.0,
-                 gate_activation: str = "tanh", dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        n_layers: int,
+        prompt_len: int,
+        dim: int,
+        n_heads: int,
+        init_std: float = 1.0,
+        gate_activation: str = "tanh",
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         if gate_activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")

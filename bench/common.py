@@ -15,8 +15,13 @@ SHARED_DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parent
 def machine() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     for mod in ("ray", "deepspeed", "transformers", "peft", "sentencepiece", "pyarrow"):
         try:
             info[mod] = __import__(mod).__version__
@@ -28,8 +33,7 @@ def machine() -> dict:
 def write_result(name: str, result: dict, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or RESULTS  # looked up at call time, so tests can point it elsewhere
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"suite": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-              **result}
+    result = {"suite": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), **result}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     return path

@@ -1,4 +1,4 @@
-"""Suite `decode`: our batched KV-cache generation (`adapter.generation.generate`) against
+"""Suite `decode`: our batched KV-cache generation (`adapter.decoding.generate`) against
 Hugging Face `LlamaForCausalLM.generate`, same random weights (built as in train-vs-peft: an HF
 model saved and read back through our loader), same real Alpaca prompts, greedy, exactly the same
 number of new tokens, fp32 on CPU with one thread, measured alternately, median of repeats.
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
-from adapter.checkpoint import load_base
-from adapter.generation import SamplingParams, generate, prefixes_for
+from adapter.base_weights import load_base
+from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.prompts import format_prompt
 from adapter.tokenizer import Tokenizer
 from bench.common import RESULTS, SHARED_DATA, bar_chart, write_result
@@ -38,10 +38,17 @@ def build_models(seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["dim"], intermediate_size=SHAPE["ffn"],
-                                   num_hidden_layers=SHAPE["n_layers"], num_attention_heads=SHAPE["n_heads"],
-                                   num_key_value_heads=SHAPE["n_heads"], max_position_embeddings=2048,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=SHAPE["vocab"],
+        hidden_size=SHAPE["dim"],
+        intermediate_size=SHAPE["ffn"],
+        num_hidden_layers=SHAPE["n_layers"],
+        num_attention_heads=SHAPE["n_heads"],
+        num_key_value_heads=SHAPE["n_heads"],
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
@@ -73,17 +80,24 @@ def run(quick: bool = False) -> dict:
         ids = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
         for i, p in enumerate(batch):  # left padding
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+            ids[i, longest - len(p) :] = torch.tensor(p)
+            mask[i, longest - len(p) :] = 1
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return out[:, longest:].tolist()
 
     impls = {"ours": lambda b: ours(b, False), "ours+adapter": lambda b: ours(b, True), "hf": hf_gen}
     batch_sizes = (1, big)
 
     def batches(bs):
-        return [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+        return [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
 
     # Warm-up (not timed) and greedy agreement at batch 1, no padding on either side.
     agree = {"prompts": len(prompts), "exact": 0, "first_divergence": {}}
@@ -92,8 +106,9 @@ def run(quick: bool = False) -> dict:
         if a == b:
             agree["exact"] += 1
         else:
-            agree["first_divergence"][i] = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y),
-                                                min(len(a), len(b)))
+            agree["first_divergence"][i] = next(
+                (j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))
+            )
     for fn in impls.values():
         fn(prompts[:big])
 
@@ -122,17 +137,27 @@ def run(quick: bool = False) -> dict:
     tps_cpu = {f"batch{bs}": {k: med(v) for k, v in cpu[bs].items()} for bs in batch_sizes}
     key = f"batch{big}"
     speedup = {
-        b: {"ours_vs_hf_wall": tps_wall[b]["ours"] / tps_wall[b]["hf"],
+        b: {
+            "ours_vs_hf_wall": tps_wall[b]["ours"] / tps_wall[b]["hf"],
             "ours_vs_hf_cpu": tps_cpu[b]["ours"] / tps_cpu[b]["hf"],
             "ours_adapter_vs_hf_wall": tps_wall[b]["ours+adapter"] / tps_wall[b]["hf"],
-            "ours_adapter_vs_hf_cpu": tps_cpu[b]["ours+adapter"] / tps_cpu[b]["hf"]} for b in tps_wall}
+            "ours_adapter_vs_hf_cpu": tps_cpu[b]["ours+adapter"] / tps_cpu[b]["hf"],
+        }
+        for b in tps_wall
+    }
     met = speedup[key]["ours_vs_hf_cpu"] >= 1.5 and speedup[key]["ours_vs_hf_wall"] >= 1.5
     result = {
         "what": f"greedy decoding of {len(prompts)} real Alpaca prompts, {new_tokens} new tokens each, "
-                "ours vs Hugging Face generate, same random weights (measured, fp32, CPU, 1 thread)",
-        "quick": quick, "shape": SHAPE, "prompts": len(prompts), "new_tokens": new_tokens, "repeats": repeats,
-        "prompt_tokens": [len(p) for p in prompts], "threads": torch.get_num_threads(),
-        "tokens_per_s_wall_median": tps_wall, "tokens_per_cpu_s_median": tps_cpu,
+        "ours vs Hugging Face generate, same random weights (measured, fp32, CPU, 1 thread)",
+        "quick": quick,
+        "shape": SHAPE,
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "prompt_tokens": [len(p) for p in prompts],
+        "threads": torch.get_num_threads(),
+        "tokens_per_s_wall_median": tps_wall,
+        "tokens_per_cpu_s_median": tps_cpu,
         "tokens_per_s_wall_all": {f"batch{bs}": wall[bs] for bs in batch_sizes},
         "tokens_per_cpu_s_all": {f"batch{bs}": cpu[bs] for bs in batch_sizes},
         "speedup": speedup,
@@ -140,10 +165,10 @@ def run(quick: bool = False) -> dict:
         "batched_agreement_with_hf_batch1": batched_agree,
         "goal": f"ours >= 1.5x HF generate at batch {big}",
         "goal_met": bool(met),
-        "ours_recipe": "adapter.generation.generate: left-padded batch, one prefill, KV cache, eos disabled; "
-                       "with adapter: AdapterConfig(10, 6), random prompts, gates uniform 0.05-0.2, prefixes computed once",
+        "ours_recipe": "adapter.decoding.generate: left-padded batch, one prefill, KV cache, eos disabled; "
+        "with adapter: AdapterConfig(10, 6), random prompts, gates uniform 0.05-0.2, prefixes computed once",
         "hf_recipe": "LlamaForCausalLM.generate(do_sample=False, max_new_tokens=min_new_tokens=N, eos_token_id=None), "
-                     "left padding with an attention mask, default attention implementation",
+        "left padding with an attention mask, default attention implementation",
     }
     path = write_result("decode", result)
     labels, values = [], []
@@ -151,6 +176,11 @@ def run(quick: bool = False) -> dict:
         for k in ("ours", "ours+adapter", "hf"):
             labels.append(f"{k} b{b[5:]}")
             values.append(tps_cpu[b][k])
-    bar_chart(RESULTS / "decode.png", f"Greedy decoding, {len(prompts)} Alpaca prompts x {new_tokens} tokens (CPU, 1 thread)",
-              labels, values, "new tokens per CPU-second (higher is better)")
+    bar_chart(
+        RESULTS / "decode.png",
+        f"Greedy decoding, {len(prompts)} Alpaca prompts x {new_tokens} tokens (CPU, 1 thread)",
+        labels,
+        values,
+        "new tokens per CPU-second (higher is better)",
+    )
     return json.loads(path.read_text())

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from adapter.adapter import AdapterConfig
-from adapter.config import preset
 from adapter.flops import training_flops_per_token
+from adapter.model_args import preset
 from adapter.tokenizer import Tokenizer
 from bench.common import SHARED_DATA, write_result
 
@@ -55,8 +55,9 @@ def scienceqa_projection() -> dict:
     args = preset("llama-7b")
     cfg = AdapterConfig(10, 30)
     resp_fraction = float(np.sum(responses) / lengths.sum())
-    per_token = training_flops_per_token(args, cfg.layers_for(args), cfg.adapter_len, float(lengths.mean()),
-                                         resp_fraction)
+    per_token = training_flops_per_token(
+        args, cfg.layers_for(args), cfg.adapter_len, float(lengths.mean()), resp_fraction
+    )
     scale = PAPER_TRAIN_PROBLEMS / len(lengths)
     tokens = float(lengths.sum()) * scale * EPOCHS
     image_count = images * scale
@@ -65,10 +66,15 @@ def scienceqa_projection() -> dict:
     peak = GPUS * PEAK_A100_BF16
     return {
         "measured_on": f"{len(lengths)} real train problems of the shared ScienceQA subset, LLaMA tokenizer",
-        "tokens_per_problem": {"mean": float(lengths.mean()), "p50": float(np.median(lengths)),
-                               "max": int(lengths.max())},
-        "response_fraction": resp_fraction, "with_image_fraction": images / len(lengths),
-        "projected_tokens_5_epochs": tokens, "projected_images_encoded": image_count,
+        "tokens_per_problem": {
+            "mean": float(lengths.mean()),
+            "p50": float(np.median(lengths)),
+            "max": int(lengths.max()),
+        },
+        "response_fraction": resp_fraction,
+        "with_image_fraction": images / len(lengths),
+        "projected_tokens_5_epochs": tokens,
+        "projected_images_encoded": image_count,
         "flop": {"llm_train": llm_flop, "clip_forward": clip_flop},
         "minutes_at_35pct_mfu": (llm_flop + clip_flop) / (peak * MFU_ASSUMED) / 60,
         "assumptions": [
@@ -100,19 +106,32 @@ def eval_throughput(quick: bool) -> dict:
     connect(cfg.ray)
     out = {}
     for actors in (1, 2):
-        e = cfg.evaluation.model_copy(update={"actors": actors, "cpus_per_actor": 1.0, "limit": 16 if quick else None,
-                                              "out": f"runs/bench-eval-coco-{actors}"})
+        e = cfg.evaluation.model_copy(
+            update={
+                "actors": actors,
+                "cpus_per_actor": 1.0,
+                "limit": 16 if quick else None,
+                "out": f"runs/bench-eval-coco-{actors}",
+            }
+        )
         t0 = time.time()
         r = run(cfg.model_copy(update={"evaluation": e}))
-        out[f"{actors}_actor"] = {"images": r["images"], "images_per_s": r["images_per_s"],
-                                  "job_seconds": round(time.time() - t0, 1), "load_average_1min": os.getloadavg()[0]}
+        out[f"{actors}_actor"] = {
+            "images": r["images"],
+            "images_per_s": r["images_per_s"],
+            "job_seconds": round(time.time() - t0, 1),
+            "load_average_1min": os.getloadavg()[0],
+        }
     return out
 
 
 def run(quick: bool = False) -> dict:
-    result = {"what": "COCO evaluation job images/s with 1 vs 2 CPU actors (MEASURED on this machine); ScienceQA "
-                      "8 x A100 training time PROJECTED from measured token counts",
-              "eval_throughput": eval_throughput(quick), "scienceqa_8xa100_projection": scienceqa_projection()}
+    result = {
+        "what": "COCO evaluation job images/s with 1 vs 2 CPU actors (MEASURED on this machine); ScienceQA "
+        "8 x A100 training time PROJECTED from measured token counts",
+        "eval_throughput": eval_throughput(quick),
+        "scienceqa_8xa100_projection": scienceqa_projection(),
+    }
     path = write_result("multimodal", result)
     return json.loads(path.read_text())
 

@@ -39,7 +39,7 @@ def synthesise(factor: int, limit: int | None = None) -> Path:
     step = -(-len(lines) // SHARDS_PER_COPY)
     for copy in range(factor):
         for k in range(SHARDS_PER_COPY):
-            (folder / f"part-{copy:04d}-{k}.jsonl").write_text("".join(lines[k * step:(k + 1) * step]))
+            (folder / f"part-{copy:04d}-{k}.jsonl").write_text("".join(lines[k * step : (k + 1) * step]))
     (folder / "DONE").write_text("")
     return folder
 
@@ -84,8 +84,12 @@ def child(method: str, source: Path, out: Path) -> dict:
         out.mkdir(parents=True)
         t0, cpu0 = time.perf_counter(), time.process_time()
         n = single_process(sorted(source.glob("*.jsonl")), tokenizer, out)
-        return {"records": n, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(),
-                "cpu_seconds": time.process_time() - cpu0}
+        return {
+            "records": n,
+            "seconds": time.perf_counter() - t0,
+            "peak_rss_mib": peak_rss_mib(),
+            "cpu_seconds": time.process_time() - cpu0,
+        }
     import ray
     from ray.data import DataContext
 
@@ -93,35 +97,59 @@ def child(method: str, source: Path, out: Path) -> dict:
     from pipelines.preprocess import run
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=int(method[-1]), include_dashboard=False, log_to_driver=False,
-             object_store_memory=1 << 30)
+    ray.init(num_cpus=int(method[-1]), include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - t0
     rss_after_init = peak_rss_mib()
     t0 = time.perf_counter()
-    stats = run(PreprocessConfig(model={"preset": "llama-7b", "tokenizer": tokenizer},
-                                 data=DataConfig(source=str(source), out=str(out), max_seq_len=512)))
+    stats = run(
+        PreprocessConfig(
+            model={"preset": "llama-7b", "tokenizer": tokenizer},
+            data=DataConfig(source=str(source), out=str(out), max_seq_len=512),
+        )
+    )
     dt = time.perf_counter() - t0
     ray.shutdown()
-    return {"records": stats["records_read"], "records_written": stats["records_written"],
-            "records_rejected": stats["records_rejected"], "seconds": dt, "ray_init_seconds": init_s,
-            "peak_rss_mib": peak_rss_mib(), "peak_rss_mib_after_ray_init": rss_after_init,
-            "cpu_seconds": stats["cpu_seconds_tokenize_and_write"]}
+    return {
+        "records": stats["records_read"],
+        "records_written": stats["records_written"],
+        "records_rejected": stats["records_rejected"],
+        "seconds": dt,
+        "ray_init_seconds": init_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib_after_ray_init": rss_after_init,
+        "cpu_seconds": stats["cpu_seconds_tokenize_and_write"],
+    }
 
 
 def measure(method: str, source: Path, timeout_s: float) -> dict:
-    cmd = [sys.executable, "-m", "bench.preprocess_bench", "--child", method, "--source", str(source),
-           "--out", str(WORK / f"out-{method}")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.preprocess_bench",
+        "--child",
+        method,
+        "--source",
+        str(source),
+        "--out",
+        str(WORK / f"out-{method}"),
+    ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=Path(__file__).resolve().parents[1]
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{method} on {source} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(repeat_factors=(1, 10), methods=("single", "ray1", "ray2"), quick: bool = False,
-        timeout_s: float = 3600, append: bool = False) -> dict:
+def run(
+    repeat_factors=(1, 10),
+    methods=("single", "ray1", "ray2"),
+    quick: bool = False,
+    timeout_s: float = 3600,
+    append: bool = False,
+) -> dict:
     """`append`: keep the rows of the last result for other (factor, method) pairs, e.g. to add
     a 100x run of one method to a 1x / 10x run of all."""
     limit = None
@@ -130,16 +158,26 @@ def run(repeat_factors=(1, 10), methods=("single", "ray1", "ray2"), quick: bool 
     rows = []
     if append and (RESULTS / "preprocess.json").is_file():
         done = {(f, METHODS[m]) for f in repeat_factors for m in methods}
-        rows = [r for r in json.loads((RESULTS / "preprocess.json").read_text())["rows"]
-                if (r["repeat"], r["method"]) not in done]
+        rows = [
+            r
+            for r in json.loads((RESULTS / "preprocess.json").read_text())["rows"]
+            if (r["repeat"], r["method"]) not in done
+        ]
     for factor in repeat_factors:
         source = synthesise(factor, limit)
         for method in methods:
             load = os.getloadavg()[0]
             r = measure(method, source, timeout_s)
-            rows.append({"method": METHODS[method], "repeat": factor, **r, "records_per_s": r["records"] / r["seconds"],
-                         "cpu_ms_per_record": 1000 * r["cpu_seconds"] / r["records"],
-                         "load_avg_1min_before": round(load, 2)})
+            rows.append(
+                {
+                    "method": METHODS[method],
+                    "repeat": factor,
+                    **r,
+                    "records_per_s": r["records"] / r["seconds"],
+                    "cpu_ms_per_record": 1000 * r["cpu_seconds"] / r["records"],
+                    "load_avg_1min_before": round(load, 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     repeat_factors = sorted({r["repeat"] for r in rows})
     methods = [m for m in METHODS if any(r["method"] == METHODS[m] for r in rows)]
@@ -157,24 +195,29 @@ def run(repeat_factors=(1, 10), methods=("single", "ray1", "ray2"), quick: bool 
     largest = max(f for f in repeat_factors if sum(r["repeat"] == f for r in rows) == len(methods))
     result = {
         "what": "records/s and the driver's peak RSS from raw JSON Lines shards to tokenized, loss-masked "
-                "parquet (LLaMA tokenizer, max_seq_len 512); one run each, each in its own process (measured)",
+        "parquet (LLaMA tokenizer, max_seq_len 512); one run each, each in its own process (measured)",
         "note": f"Nx = the real 52,002-record file repeated N times as {SHARDS_PER_COPY} JSON Lines shards per "
-                "copy under /tmp. Ray timings exclude ray.init (listed separately) and include listing, "
-                "fingerprint, reading, tokenizing, writing, merging stats and rejects. The machine (2 cores) "
-                "was shared with other jobs: load_avg_1min_before says how busy it was, and wall-clock rates "
-                "move with it. cpu_ms_per_record is CPU time per record of the single process, or of Ray's "
-                "tokenize+write tasks (read tasks, driver, raylet excluded): the work itself, less load-bound. "
-                "peak_rss_mib is the whole process's (driver's) peak, torch and ray imports included.",
+        "copy under /tmp. Ray timings exclude ray.init (listed separately) and include listing, "
+        "fingerprint, reading, tokenizing, writing, merging stats and rejects. The machine (2 cores) "
+        "was shared with other jobs: load_avg_1min_before says how busy it was, and wall-clock rates "
+        "move with it. cpu_ms_per_record is CPU time per record of the single process, or of Ray's "
+        "tokenize+write tasks (read tasks, driver, raylet excluded): the work itself, less load-bound. "
+        "peak_rss_mib is the whole process's (driver's) peak, torch and ray imports included.",
         "goals": {"ray2_vs_single_at_10x": ">= 1.7", "driver_peak_rss_100x_vs_1x": "<= 1.5"},
-        "rows": rows, "speedups": speedups, "driver_peak_rss": rss,
+        "rows": rows,
+        "speedups": speedups,
+        "driver_peak_rss": rss,
         "factors_run": list(repeat_factors),
     }
     path = write_result("preprocess", result)
     sel = [r for r in rows if r["repeat"] == largest]
-    bar_chart(RESULTS / "preprocess.png",
-              f"Alpaca x{largest}, JSON Lines shards: records/s (measured, shared 2-core CPU)",
-              [f"{r['method']}\npeak RSS {r['peak_rss_mib']:.0f} MiB" for r in sel],
-              [r["records_per_s"] for r in sel], "records / s")
+    bar_chart(
+        RESULTS / "preprocess.png",
+        f"Alpaca x{largest}, JSON Lines shards: records/s (measured, shared 2-core CPU)",
+        [f"{r['method']}\npeak RSS {r['peak_rss_mib']:.0f} MiB" for r in sel],
+        [r["records_per_s"] for r in sel],
+        "records / s",
+    )
     return json.loads(path.read_text())
 
 

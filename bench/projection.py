@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from adapter.adapter import AdapterConfig, parameter_counts
-from adapter.config import preset
+from adapter.model_args import preset
 from bench.common import RESULTS, SHARED_DATA, bar_chart, write_result
 from pipelines.batching import epoch_order
 
@@ -23,8 +23,12 @@ MICRO_BATCH = 4  # authors' script: 4 per GPU
 def token_lengths(data_dir: Path) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    return np.concatenate([pq.read_table(f, columns=["num_tokens"]).column("num_tokens").to_numpy()
-                           for f in sorted(data_dir.glob("train/*.parquet"))])
+    return np.concatenate(
+        [
+            pq.read_table(f, columns=["num_tokens"]).column("num_tokens").to_numpy()
+            for f in sorted(data_dir.glob("train/*.parquet"))
+        ]
+    )
 
 
 def ensure_preprocessed(out: Path) -> dict:
@@ -36,9 +40,14 @@ def ensure_preprocessed(out: Path) -> dict:
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
-        run(PreprocessConfig(model={"preset": "llama-7b", "tokenizer": str(SHARED_DATA / "tokenizer.model")},
-                             data=DataConfig(source=str(SHARED_DATA / "alpaca_data.json"), out=str(out),
-                                             max_seq_len=512, val_fraction=0.02)))
+        run(
+            PreprocessConfig(
+                model={"preset": "llama-7b", "tokenizer": str(SHARED_DATA / "tokenizer.model")},
+                data=DataConfig(
+                    source=str(SHARED_DATA / "alpaca_data.json"), out=str(out), max_seq_len=512, val_fraction=0.02
+                ),
+            )
+        )
     return json.loads((out / "stats.json").read_text())
 
 
@@ -66,7 +75,9 @@ FIXED_COSTS_ASSUMED_S = {
 }
 
 
-def run(data_dir: str = "runs/data/alpaca-llama-512", gpu_tokens_per_s: float | None = None, quick: bool = False) -> dict:
+def run(
+    data_dir: str = "runs/data/alpaca-llama-512", gpu_tokens_per_s: float | None = None, quick: bool = False
+) -> dict:
     out = Path(data_dir)
     stats = ensure_preprocessed(out)
     lengths = token_lengths(out)
@@ -93,20 +104,33 @@ def run(data_dir: str = "runs/data/alpaca-llama-512", gpu_tokens_per_s: float | 
     }
     straggler = straggler_factor(lengths)
     fixed_min = sum(FIXED_COSTS_ASSUMED_S.values()) / 60
-    proj = {name: {"flop": f, "minutes_at_100pct_peak": f / peak / 60,
-                   **{f"minutes_at_{int(m * 100)}pct_mfu": f / (peak * m) / 60 for m in mfu_assumed},
-                   # Only length-grouped per-rank batches have stragglers; padding to 512 makes all equal.
-                   "minutes_at_35pct_mfu_with_stragglers_and_fixed_costs":
-                       f / (peak * 0.35) / 60 * (straggler if "ours" in name else 1.0) + fixed_min}
-            for name, f in rows.items()}
+    proj = {
+        name: {
+            "flop": f,
+            "minutes_at_100pct_peak": f / peak / 60,
+            **{f"minutes_at_{int(m * 100)}pct_mfu": f / (peak * m) / 60 for m in mfu_assumed},
+            # Only length-grouped per-rank batches have stragglers; padding to 512 makes all equal.
+            "minutes_at_35pct_mfu_with_stragglers_and_fixed_costs": f
+            / (peak * 0.35)
+            / 60
+            * (straggler if "ours" in name else 1.0)
+            + fixed_min,
+        }
+        for name, f in rows.items()
+    }
     result = {
         "what": "PROJECTED 5-epoch LLaMA-7B adapter training on 8 x A100; token counts MEASURED on the real file",
-        "measured": {"train_records": int(len(lengths)), "real_tokens_per_epoch": real,
-                     "response_tokens_per_epoch": int(response), "ours_padded_tokens_per_epoch": int(ours_padded),
-                     "authors_padded_tokens_per_epoch": authors_padded,
-                     "ours_padding_fraction": 1 - real / ours_padded, "authors_padding_fraction": 1 - real / authors_padded,
-                     "token_length": stats["token_length"],
-                     "straggler_factor_8_ranks": straggler},
+        "measured": {
+            "train_records": int(len(lengths)),
+            "real_tokens_per_epoch": real,
+            "response_tokens_per_epoch": int(response),
+            "ours_padded_tokens_per_epoch": int(ours_padded),
+            "authors_padded_tokens_per_epoch": authors_padded,
+            "ours_padding_fraction": 1 - real / ours_padded,
+            "authors_padding_fraction": 1 - real / authors_padded,
+            "token_length": stats["token_length"],
+            "straggler_factor_8_ranks": straggler,
+        },
         "fixed_costs_assumed_s": FIXED_COSTS_ASSUMED_S,
         "measured_gpu": gpu_tokens_per_s,
         "projection": proj,
@@ -126,8 +150,11 @@ def run(data_dir: str = "runs/data/alpaca-llama-512", gpu_tokens_per_s: float | 
         ],
     }
     path = write_result("projection", result)
-    bar_chart(RESULTS / "projection.png",
-              "PROJECTED 5-epoch LLaMA-7B on 8 x A100: 35% MFU (assumed), stragglers, fixed costs",
-              list(proj), [p["minutes_at_35pct_mfu_with_stragglers_and_fixed_costs"] for p in proj.values()],
-              "minutes (projection)")
+    bar_chart(
+        RESULTS / "projection.png",
+        "PROJECTED 5-epoch LLaMA-7B on 8 x A100: 35% MFU (assumed), stragglers, fixed costs",
+        list(proj),
+        [p["minutes_at_35pct_mfu_with_stragglers_and_fixed_costs"] for p in proj.values()],
+        "minutes (projection)",
+    )
     return json.loads(path.read_text())

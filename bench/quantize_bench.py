@@ -30,10 +30,10 @@ import pyarrow as pa
 import torch
 
 from adapter.adapter import IGNORE_INDEX, AdaptedLlama, AdapterConfig, AdaptionPrompts
-from adapter.config import ModelArgs, preset
-from adapter.generation import SamplingParams, generate, prefixes_for
+from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.loader import load_model
 from adapter.model import Transformer, build_on_meta
+from adapter.model_args import ModelArgs, preset
 from adapter.quantize import BLOCK_LINEARS, INT4_BLOCKSIZE, quantize_base, weight_bytes
 from adapter.settings import ModelSource
 from bench import common
@@ -46,8 +46,14 @@ PRECISIONS = ("fp32", "bf16", "int8", "int4")
 GOALS = {"int8": {"loss_within": 0.01, "bytes_below_fp32": 4.0}, "int4": {"loss_within": 0.03, "bytes_below_fp32": 8.0}}
 GIB = 1024**3
 # Nominal memory of common GPUs (GiB), smallest first.
-GPUS = [(16, "16 GB (T4, V100-16GB)"), (24, "24 GB (RTX 3090/4090, A10G, L4)"), (40, "40 GB (A100-40GB)"),
-        (48, "48 GB (RTX A6000, L40S)"), (80, "80 GB (A100-80GB, H100)"), (141, "141 GB (H200)")]
+GPUS = [
+    (16, "16 GB (T4, V100-16GB)"),
+    (24, "24 GB (RTX 3090/4090, A10G, L4)"),
+    (40, "40 GB (A100-40GB)"),
+    (48, "48 GB (RTX A6000, L40S)"),
+    (80, "80 GB (A100-80GB, H100)"),
+    (141, "141 GB (H200)"),
+]
 CUDA_CONTEXT_GIB = 1.0  # assumed: CUDA context + allocator slack
 
 
@@ -55,21 +61,27 @@ CUDA_CONTEXT_GIB = 1.0  # assumed: CUDA context + allocator slack
 def alpaca_records(tokenizer: str, max_seq_len: int, val_fraction: float = 0.2) -> tuple[list, list]:
     raw = [json.dumps(r) for r in json.loads((SHARED_DATA / "alpaca_data_first200.json").read_text())]
     out = TokenizeBatch(tokenizer, max_seq_len, val_fraction=val_fraction, seed=0)(
-        pa.table({"idx": list(range(len(raw))), "raw": raw})).to_pylist()
+        pa.table({"idx": list(range(len(raw))), "raw": raw})
+    ).to_pylist()
     rows = [r for r in out if not r["reject_reason"]]
-    return ([(r["input_ids"], r["labels"]) for r in rows if r["split"] == "train"],
-            [(r["input_ids"], r["labels"]) for r in rows if r["split"] == "val"])
+    return (
+        [(r["input_ids"], r["labels"]) for r in rows if r["split"] == "train"],
+        [(r["input_ids"], r["labels"]) for r in rows if r["split"] == "val"],
+    )
 
 
 def batches(rows: list, batch_size: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     lengths = np.array([len(x) for x, _ in rows])
-    return [collate([rows[i][0] for i in b], [rows[i][1] for i in b])
-            for b in epoch_order(lengths, batch_size, seed=seed, epoch=epoch, group_by_length=True)]
+    return [
+        collate([rows[i][0] for i in b], [rows[i][1] for i in b])
+        for b in epoch_order(lengths, batch_size, seed=seed, epoch=epoch, group_by_length=True)
+    ]
 
 
 # --- the adapter and what it does on each base ----------------------------------------------------
-def train_adapter(base: Transformer, config: AdapterConfig, train: list, steps: int, batch_size: int,
-                  lr: float) -> tuple[AdaptionPrompts, list[float]]:
+def train_adapter(
+    base: Transformer, config: AdapterConfig, train: list, steps: int, batch_size: int, lr: float
+) -> tuple[AdaptionPrompts, list[float]]:
     torch.manual_seed(0)
     prompts = AdaptionPrompts(base.args, config)
     model = AdaptedLlama(base, prompts)
@@ -96,7 +108,7 @@ def held_out_loss(base: Transformer, prompts: AdaptionPrompts, val: list) -> flo
     model = AdaptedLlama(base, prompts)
     total = n = 0.0
     for i in range(0, len(val), 8):
-        loss, k = model.loss(*collate([x for x, _ in val[i:i + 8]], [y for _, y in val[i:i + 8]]))
+        loss, k = model.loss(*collate([x for x, _ in val[i : i + 8]], [y for _, y in val[i : i + 8]]))
         total += float(loss) * int(k)
         n += int(k)
     return total / n
@@ -110,7 +122,9 @@ def prompt_tokens(val: list, n: int) -> list[list[int]]:
 @torch.no_grad()
 def greedy(base: Transformer, prompts: AdaptionPrompts, inputs: list, eos_id: int, n_new: int = 32) -> list:
     pre = prefixes_for(base, prompts)
-    return generate(base, inputs, SamplingParams(max_gen_len=n_new, temperature=0), eos_id, adapters=[pre] * len(inputs))
+    return generate(
+        base, inputs, SamplingParams(max_gen_len=n_new, temperature=0), eos_id, adapters=[pre] * len(inputs)
+    )
 
 
 def agreement(ref: list[list[int]], out: list[list[int]], n: int = 32) -> dict:
@@ -175,16 +189,25 @@ def linear_bytes(base: Transformer) -> int:
 def stories_bases() -> tuple[dict, object]:
     path = SHARED_DATA / "stories260K"
     source = ModelSource(base=str(path), tokenizer=str(path / "tokenizer.model"), device="cpu")
-    bases = {"fp32": load_model(source.model_copy(update={"dtype": "float32"})).base,
-             "bf16": load_model(source.model_copy(update={"dtype": "bfloat16"})).base,
-             "int8": load_model(source.model_copy(update={"quantize": "int8"})).base,
-             "int4": load_model(source.model_copy(update={"quantize": "int4"})).base}
+    bases = {
+        "fp32": load_model(source.model_copy(update={"dtype": "float32"})).base,
+        "bf16": load_model(source.model_copy(update={"dtype": "bfloat16"})).base,
+        "int8": load_model(source.model_copy(update={"quantize": "int8"})).base,
+        "int4": load_model(source.model_copy(update={"quantize": "int4"})).base,
+    }
     return bases, load_model(source).tokenizer
 
 
 def tiny_shape_bases() -> dict:
-    args = ModelArgs(dim=SHAPE["dim"], n_layers=SHAPE["n_layers"], n_heads=SHAPE["n_heads"], vocab_size=SHAPE["vocab"],
-                     hidden_dim=SHAPE["ffn"], norm_eps=1e-6, max_seq_len=2048)
+    args = ModelArgs(
+        dim=SHAPE["dim"],
+        n_layers=SHAPE["n_layers"],
+        n_heads=SHAPE["n_heads"],
+        vocab_size=SHAPE["vocab"],
+        hidden_dim=SHAPE["ffn"],
+        norm_eps=1e-6,
+        max_seq_len=2048,
+    )
     base = build_on_meta(args).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # Hugging Face's LLaMA initialisation, as bench/train_vs_peft.py's base
@@ -194,12 +217,27 @@ def tiny_shape_bases() -> dict:
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     base = base.requires_grad_(False).eval()
-    return {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16),
-            "int8": quantize_base(copy.deepcopy(base), "int8"), "int4": quantize_base(copy.deepcopy(base), "int4")}
+    return {
+        "fp32": base,
+        "bf16": copy.deepcopy(base).to(torch.bfloat16),
+        "int8": quantize_base(copy.deepcopy(base), "int8"),
+        "int4": quantize_base(copy.deepcopy(base), "int4"),
+    }
 
 
-def measure_subject(name: str, bases: dict, tokenizer_path: str, eos_id: int, config: AdapterConfig, steps: int,
-                    lr: float, max_seq_len: int, speed_steps: int, n_gen: int, rounds: int) -> dict:
+def measure_subject(
+    name: str,
+    bases: dict,
+    tokenizer_path: str,
+    eos_id: int,
+    config: AdapterConfig,
+    steps: int,
+    lr: float,
+    max_seq_len: int,
+    speed_steps: int,
+    n_gen: int,
+    rounds: int,
+) -> dict:
     train, val = alpaca_records(tokenizer_path, max_seq_len)
     t0 = time.perf_counter()
     prompts, losses = train_adapter(bases["fp32"], config, train, steps, 8, lr)
@@ -228,24 +266,44 @@ def measure_subject(name: str, bases: dict, tokenizer_path: str, eos_id: int, co
     for prec in rows:
         print(name, prec, json.dumps({k: round(v, 4) for k, v in rows[prec].items()}))
     fp32 = rows["fp32"]
-    for prec, r in rows.items():
+    for r in rows.values():
         r["loss_vs_fp32"] = r["held_out_loss"] / fp32["held_out_loss"] - 1
         r["weights_below_fp32"] = fp32["base_weight_bytes"] / r["base_weight_bytes"]
         r["block_linears_below_fp32"] = fp32["block_linear_bytes"] / r["block_linear_bytes"]
-    goals = {prec: {"loss": f"{rows[prec]['loss_vs_fp32']:+.2%} vs goal within {g['loss_within']:.0%}: "
-                            + ("met" if abs(rows[prec]["loss_vs_fp32"]) <= g["loss_within"] else "MISSED"),
-                    "bytes_all_weights": f"{rows[prec]['weights_below_fp32']:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
-                                         + ("met" if rows[prec]["weights_below_fp32"] >= g["bytes_below_fp32"] else "MISSED"),
-                    "bytes_block_linears": f"{rows[prec]['block_linears_below_fp32']:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
-                                           + ("met" if rows[prec]["block_linears_below_fp32"] >= g["bytes_below_fp32"] else "MISSED")}
-             for prec, g in GOALS.items()}
-    return {"records": {"train": len(train), "held_out": len(val), "max_seq_len": max_seq_len},
-            "adapter": config.to_dict(), "training": {"steps": steps, "batch": 8, "lr": lr, "seconds": train_s,
-                                                       "first_loss": losses[0], "last_10_mean": float(np.mean(losses[-10:]))},
-            "greedy_prompts": len(inputs), "speed": {"threads": torch.get_num_threads(), "train_batches": speed_steps,
-                                                       "batch": 8, "generate": f"{len(inputs)} prompts x 32 new tokens",
-                                                       "rounds": rounds, "kept": "best round"},
-            "precisions": rows, "goals": goals}
+    goals = {
+        prec: {
+            "loss": f"{rows[prec]['loss_vs_fp32']:+.2%} vs goal within {g['loss_within']:.0%}: "
+            + ("met" if abs(rows[prec]["loss_vs_fp32"]) <= g["loss_within"] else "MISSED"),
+            "bytes_all_weights": f"{rows[prec]['weights_below_fp32']:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
+            + ("met" if rows[prec]["weights_below_fp32"] >= g["bytes_below_fp32"] else "MISSED"),
+            "bytes_block_linears": f"{rows[prec]['block_linears_below_fp32']:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
+            + ("met" if rows[prec]["block_linears_below_fp32"] >= g["bytes_below_fp32"] else "MISSED"),
+        }
+        for prec, g in GOALS.items()
+    }
+    return {
+        "records": {"train": len(train), "held_out": len(val), "max_seq_len": max_seq_len},
+        "adapter": config.to_dict(),
+        "training": {
+            "steps": steps,
+            "batch": 8,
+            "lr": lr,
+            "seconds": train_s,
+            "first_loss": losses[0],
+            "last_10_mean": float(np.mean(losses[-10:])),
+        },
+        "greedy_prompts": len(inputs),
+        "speed": {
+            "threads": torch.get_num_threads(),
+            "train_batches": speed_steps,
+            "batch": 8,
+            "generate": f"{len(inputs)} prompts x 32 new tokens",
+            "rounds": rounds,
+            "kept": "best round",
+        },
+        "precisions": rows,
+        "goals": goals,
+    }
 
 
 # --- memory of the LLaMA shapes (computed) -----------------------------------------------------------
@@ -310,15 +368,20 @@ def saved_bytes_per_token_per_layer(args: ModelArgs) -> float:
 
 def memory_table(micro_batches: tuple[int, ...] = (1, 4), seq_len: int = 512, response_share: float = 0.46) -> dict:
     config = AdapterConfig()
-    out = {"assumptions": {
-        "working_dtype": "bf16 (the GPU default) for bf16/int8/int4: embedding, norms, output and activations; the fp32 "
-                         "row holds everything in fp32 (activations scaled x2 from the bf16 count); adapter and AdamW state fp32",
-        "adapter": config.to_dict(), "sequence": f"{seq_len} tokens per row (max_seq_len), {response_share:.0%} of them "
-                   "response tokens (the Alpaca average, METHOD.md section 5) whose logits the loss computes",
-        "activations": "tensors saved for backward in each adapted layer, counted on one block of the real shape (bf16, "
-                       "fused attention: no T x T matrix kept); logits fp32 + their gradient at response positions",
-        "transients": "the largest dequantized weight (quantized bases) and the logits gradient",
-        "cuda_context_gib": CUDA_CONTEXT_GIB}, "models": {}}
+    out = {
+        "assumptions": {
+            "working_dtype": "bf16 (the GPU default) for bf16/int8/int4: embedding, norms, output and activations; the fp32 "
+            "row holds everything in fp32 (activations scaled x2 from the bf16 count); adapter and AdamW state fp32",
+            "adapter": config.to_dict(),
+            "sequence": f"{seq_len} tokens per row (max_seq_len), {response_share:.0%} of them "
+            "response tokens (the Alpaca average, METHOD.md section 5) whose logits the loss computes",
+            "activations": "tensors saved for backward in each adapted layer, counted on one block of the real shape (bf16, "
+            "fused attention: no T x T matrix kept); logits fp32 + their gradient at response positions",
+            "transients": "the largest dequantized weight (quantized bases) and the logits gradient",
+            "cuda_context_gib": CUDA_CONTEXT_GIB,
+        },
+        "models": {},
+    }
     for name in ("llama-7b", "llama-13b", "llama-65b"):
         args = preset(name)
         n_adapted = config.layers_for(args)
@@ -339,20 +402,30 @@ def memory_table(micro_batches: tuple[int, ...] = (1, 4), seq_len: int = 512, re
                 fits = next((label_ for cap, label_ in GPUS if peak <= cap * GIB), "none listed (over 141 GB)")
                 rows[label][f"peak_training_gib_mb{mb}"] = peak / GIB
                 rows[label][f"smallest_gpu_mb{mb}"] = fits
-        out["models"][name] = {"params": sum(p.numel() for p in build_on_meta(args).parameters()),
-                               "adapted_layers": n_adapted, "saved_bytes_per_token_per_layer": per_layer,
-                               "precisions": rows}
+        out["models"][name] = {
+            "params": sum(p.numel() for p in build_on_meta(args).parameters()),
+            "adapted_layers": n_adapted,
+            "saved_bytes_per_token_per_layer": per_layer,
+            "precisions": rows,
+        }
     return out
 
 
 def markdown_memory(table: dict, micro_batches: tuple[int, ...] = (1, 4)) -> str:
-    head = "| model | precision | base weights (vs fp32) | " + " | ".join(
-        f"peak training, micro-batch {mb} x 512 | smallest GPU" for mb in micro_batches) + " |"
+    head = (
+        "| model | precision | base weights (vs fp32) | "
+        + " | ".join(f"peak training, micro-batch {mb} x 512 | smallest GPU" for mb in micro_batches)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (3 + 2 * len(micro_batches))]
     for name, m in table["models"].items():
         for prec, r in m["precisions"].items():
-            cells = " | ".join(f"{r[f'peak_training_gib_mb{mb}']:.1f} GiB | {r[f'smallest_gpu_mb{mb}']}" for mb in micro_batches)
-            lines.append(f"| {name} | {prec} | {r['base_weights_gib']:.1f} GiB ({r['weights_below_fp32']:.2f}x) | {cells} |")
+            cells = " | ".join(
+                f"{r[f'peak_training_gib_mb{mb}']:.1f} GiB | {r[f'smallest_gpu_mb{mb}']}" for mb in micro_batches
+            )
+            lines.append(
+                f"| {name} | {prec} | {r['base_weights_gib']:.1f} GiB ({r['weights_below_fp32']:.2f}x) | {cells} |"
+            )
     return "\n".join(lines)
 
 
@@ -366,11 +439,16 @@ def charts(result: dict) -> list[str]:
     out = common.RESULTS  # looked up at call time, as write_result does
     out.mkdir(parents=True, exist_ok=True)
     subjects = list(result["subjects"])
-    metrics = [("base_weight_bytes", "base weight bytes (MB)", 1e-6), ("held_out_loss", "held-out loss", 1),
-               ("token_agreement", "greedy agreement, first 32", 1),
-               ("train_tokens_per_cpu_s", "train tokens / CPU-s", 1),
-               ("generate_tokens_per_cpu_s", "generated tokens / CPU-s", 1)]
-    fig, axes = plt.subplots(len(subjects), len(metrics), figsize=(3.2 * len(metrics), 3.0 * len(subjects)), squeeze=False)
+    metrics = [
+        ("base_weight_bytes", "base weight bytes (MB)", 1e-6),
+        ("held_out_loss", "held-out loss", 1),
+        ("token_agreement", "greedy agreement, first 32", 1),
+        ("train_tokens_per_cpu_s", "train tokens / CPU-s", 1),
+        ("generate_tokens_per_cpu_s", "generated tokens / CPU-s", 1),
+    ]
+    fig, axes = plt.subplots(
+        len(subjects), len(metrics), figsize=(3.2 * len(metrics), 3.0 * len(subjects)), squeeze=False
+    )
     colors = ["#4878a8", "#e07b39", "#6aa84f", "#a64d79"]
     for i, s in enumerate(subjects):
         rows = result["subjects"][s]["precisions"]
@@ -422,24 +500,42 @@ def _run(quick: bool) -> dict:
     result = {"what": __doc__.split("\n\n")[0], "subjects": {}}
     bases, tok = stories_bases()
     result["subjects"]["stories260K"] = measure_subject(
-        "stories260K", bases, tok.path, tok.eos_id, AdapterConfig(adapter_len=10, adapter_layers=5),
-        steps=20 if quick else 300, lr=1e-2, max_seq_len=256, speed_steps=2 if quick else 10, n_gen=4 if quick else 16,
-        rounds=1 if quick else 3)
+        "stories260K",
+        bases,
+        tok.path,
+        tok.eos_id,
+        AdapterConfig(adapter_len=10, adapter_layers=5),
+        steps=20 if quick else 300,
+        lr=1e-2,
+        max_seq_len=256,
+        speed_steps=2 if quick else 10,
+        n_gen=4 if quick else 16,
+        rounds=1 if quick else 3,
+    )
     tiny = tiny_shape_bases()
     tokenizer = str(SHARED_DATA / "tokenizer.model")
     from adapter.tokenizer import Tokenizer
 
     result["subjects"]["tiny-shape"] = measure_subject(
-        "tiny-shape", tiny, tokenizer, Tokenizer(tokenizer).eos_id,
+        "tiny-shape",
+        tiny,
+        tokenizer,
+        Tokenizer(tokenizer).eos_id,
         AdapterConfig(adapter_len=SHAPE["adapter_len"], adapter_layers=SHAPE["adapter_layers"]),
-        steps=10 if quick else 200, lr=1e-2, max_seq_len=256, speed_steps=2 if quick else 6, n_gen=4 if quick else 8,
-        rounds=1 if quick else 3)
+        steps=10 if quick else 200,
+        lr=1e-2,
+        max_seq_len=256,
+        speed_steps=2 if quick else 6,
+        n_gen=4 if quick else 8,
+        rounds=1 if quick else 3,
+    )
     # The memory formula against what the small bases measurably hold.
     for s, b in (("stories260K", bases), ("tiny-shape", tiny)):
         args = b["fp32"].args
         result["subjects"][s]["computed_vs_measured_bytes"] = {
             p: {"computed": base_weight_bytes(args, m, 4), "measured": weight_bytes(b[p])}
-            for p, m in (("fp32", "none"), ("int8", "int8"), ("int4", "int4"))}
+            for p, m in (("fp32", "none"), ("int8", "int8"), ("int4", "int4"))
+        }
     result["memory"] = memory_table()
     result["memory_markdown"] = markdown_memory(result["memory"])
     result["charts"] = charts(result)

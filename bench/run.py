@@ -9,8 +9,17 @@ import argparse
 import json
 import os
 
-SUITES = ("train-vs-peft", "projection", "preprocess", "serve", "gpu-check", "quantize", "multimodal", "decode",
-          "zero-init-comparison")
+SUITES = (
+    "train-vs-peft",
+    "projection",
+    "preprocess",
+    "serve",
+    "gpu-check",
+    "quantize",
+    "multimodal",
+    "decode",
+    "zero-init-comparison",
+)
 
 
 def run_suite(name: str, quick: bool = False) -> dict:

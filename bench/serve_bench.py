@@ -14,7 +14,7 @@ Over HTTP (the real Serve app, 1 replica, 16 closed-loop clients, 32 tokens each
 vs batched, 1 adapter vs 8 mixed adapters.
 
 The wave engine lives here only, as the baseline: a wave of up to `max_batch` waiting requests runs
-`adapter.generation.generate` until its longest row ends; requests that arrive meanwhile wait for
+`adapter.decoding.generate` until its longest row ends; requests that arrive meanwhile wait for
 the next wave (after the 20 ms batch window of the old default).
 """
 
@@ -38,8 +38,16 @@ from bench.common import SHARED_DATA, write_result
 
 MAX_TOKENS_CHOICES = (16, 32, 64, 128, 256)
 SHORT = 32
-PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben went to the park.", "One day, a bird",
-           "Tom had a red ball.", "The sun was hot.", "A cat sat on the mat.", "There was a big tree."]
+PROMPTS = [
+    "Once upon a time",
+    "The little dog",
+    "Lily and Ben went to the park.",
+    "One day, a bird",
+    "Tom had a red ball.",
+    "The sun was hot.",
+    "A cat sat on the mat.",
+    "There was a big tree.",
+]
 
 
 @dataclass
@@ -94,7 +102,7 @@ class Arrivals:
         if closed:
             for r in reqs:
                 self.later.setdefault(r.client, []).append(r)
-            for c, queue in self.later.items():
+            for queue in self.later.values():
                 heapq.heappush(self.heap, queue.pop(0))
         else:
             for r in reqs:
@@ -134,7 +142,7 @@ class EngineClock:
 
 
 def run_continuous(base, reqs: list[Req], prefixes: list, slots: int, closed: bool) -> float:
-    from adapter.generation import SamplingParams
+    from adapter.decoding import SamplingParams
     from serve.engine import Engine
 
     engine = Engine(base, eos_id=-1, max_running=slots, max_waiting=10_000)
@@ -160,7 +168,7 @@ def run_continuous(base, reqs: list[Req], prefixes: list, slots: int, closed: bo
 
 
 def run_waves(base, reqs: list[Req], prefixes: list, max_batch: int, closed: bool, window_s: float = 0.02) -> float:
-    from adapter.generation import SamplingParams, generate
+    from adapter.decoding import SamplingParams, generate
 
     arrivals, waiting, left = Arrivals(reqs, closed), [], len(reqs)
     clock = EngineClock()
@@ -184,8 +192,14 @@ def run_waves(base, reqs: list[Req], prefixes: list, max_batch: int, closed: boo
                 r.done, left = now, left - 1
                 arrivals.finished(r, now)
 
-        generate(base, [r.prompt for r in wave], [SamplingParams(r.max_tokens, temperature=0) for r in wave], -1,
-                 adapters=[prefixes[r.adapter] for r in wave], on_token=on_token)
+        generate(
+            base,
+            [r.prompt for r in wave],
+            [SamplingParams(r.max_tokens, temperature=0) for r in wave],
+            -1,
+            adapters=[prefixes[r.adapter] for r in wave],
+            on_token=on_token,
+        )
     return time.process_time() - clock.cpu0
 
 
@@ -197,11 +211,20 @@ def summarize(reqs: list[Req], cpu_s: float) -> dict:
     ttft = np.array([r.first - r.arrival for r in reqs])
     short = np.array([r.first - r.arrival for r in reqs if r.max_tokens <= SHORT])
     lat = np.array([r.done - r.arrival for r in reqs])
-    return {"requests": len(reqs), "completion_tokens": tokens, "wall_s": end - start, "tokens_per_s": tokens / (end - start),
-            "cpu_s": cpu_s, "tokens_per_cpu_s": tokens / cpu_s,
-            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-            "short_ttft_p50_s": float(np.percentile(short, 50)), "short_ttft_p99_s": float(np.percentile(short, 99)),
-            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99))}
+    return {
+        "requests": len(reqs),
+        "completion_tokens": tokens,
+        "wall_s": end - start,
+        "tokens_per_s": tokens / (end - start),
+        "cpu_s": cpu_s,
+        "tokens_per_cpu_s": tokens / cpu_s,
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "short_ttft_p50_s": float(np.percentile(short, 50)),
+        "short_ttft_p99_s": float(np.percentile(short, 99)),
+        "latency_p50_s": float(np.percentile(lat, 50)),
+        "latency_p99_s": float(np.percentile(lat, 99)),
+    }
 
 
 def _fresh(reqs: list[Req]) -> list[Req]:
@@ -215,10 +238,12 @@ def engine_level(base, tok, n_closed: int, n_open: int, rates: tuple[float, ...]
     adapters = _adapter_prefixes(base, 8)
     one = [adapters[0]] * 8
     closed = _requests(prompts, n_closed, 8, seed=1)
-    configs = (("one-at-a-time (1 slot)", run_continuous, {"slots": 1}, one),
-               ("wave engine (16 per wave)", run_waves, {"max_batch": 16}, one),
-               ("continuous (16 slots)", run_continuous, {"slots": 16}, one),
-               ("continuous, 8 adapters (K 10 and 5)", run_continuous, {"slots": 16}, adapters))
+    configs = (
+        ("one-at-a-time (1 slot)", run_continuous, {"slots": 1}, one),
+        ("wave engine (16 per wave)", run_waves, {"max_batch": 16}, one),
+        ("continuous (16 slots)", run_continuous, {"slots": 16}, one),
+        ("continuous, 8 adapters (K 10 and 5)", run_continuous, {"slots": 16}, adapters),
+    )
     runs: dict[str, list[dict]] = {}
     for _ in range(repeats):
         for label, fn, kw, pre in configs:
@@ -228,8 +253,11 @@ def engine_level(base, tok, n_closed: int, n_open: int, rates: tuple[float, ...]
     rows = {}
     for label, trials in runs.items():
         trials = sorted(trials, key=lambda r: r["tokens_per_cpu_s"])
-        rows[label] = {**trials[len(trials) // 2], "tokens_per_s_every_run": [r["tokens_per_s"] for r in trials],
-                       "tokens_per_cpu_s_every_run": [r["tokens_per_cpu_s"] for r in trials]}
+        rows[label] = {
+            **trials[len(trials) // 2],
+            "tokens_per_s_every_run": [r["tokens_per_s"] for r in trials],
+            "tokens_per_cpu_s_every_run": [r["tokens_per_cpu_s"] for r in trials],
+        }
     open_loop = {}
     for rate in rates:
         rng = np.random.default_rng(int(rate * 1000))
@@ -249,9 +277,16 @@ def _http_load(url: str, models: list[str], n_requests: int, clients: int, max_t
 
     def one(k: int):
         t0 = time.perf_counter()
-        r = httpx.post(f"{url}/v1/completions", timeout=300, json={
-            "model": models[k % len(models)], "prompt": PROMPTS[k % len(PROMPTS)], "max_tokens": max_tokens,
-            "temperature": 0})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            timeout=300,
+            json={
+                "model": models[k % len(models)],
+                "prompt": PROMPTS[k % len(PROMPTS)],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
         r.raise_for_status()
         return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"], int(r.headers["x-batch-size"])
 
@@ -261,9 +296,16 @@ def _http_load(url: str, models: list[str], n_requests: int, clients: int, max_t
     wall = time.perf_counter() - t0
     lat = np.array([r[0] for r in results])
     tokens = sum(r[1] for r in results)
-    return {"requests": n_requests, "clients": clients, "completion_tokens": tokens, "wall_s": wall,
-            "mean_max_batch_seen_by_requests": float(np.mean([r[2] for r in results])),
-            "tokens_per_s": tokens / wall, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99))}
+    return {
+        "requests": n_requests,
+        "clients": clients,
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "mean_max_batch_seen_by_requests": float(np.mean([r[2] for r in results])),
+        "tokens_per_s": tokens / wall,
+        "p50_s": float(np.percentile(lat, 50)),
+        "p99_s": float(np.percentile(lat, 99)),
+    }
 
 
 def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) -> dict:
@@ -272,7 +314,7 @@ def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) ->
 
     from adapter.adapter import AdapterConfig, AdaptionPrompts
     from adapter.adapter_file import save_adapter
-    from adapter.checkpoint import load_base
+    from adapter.base_weights import load_base
     from serve.app import build_app
 
     if not ray.is_initialized():
@@ -293,10 +335,18 @@ def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) ->
                 p.gate.uniform_(0.05, 0.2)
             save_adapter(p, args, Path(tmp) / f"a{i}")
             names.append(f"a{i}")
-        for label, slots, models in (("one-at-a-time", 1, names[:1]), ("batched, 1 adapter", 16, names[:1]),
-                                     ("batched, 8 adapters mixed (K 10 and 5)", 16, names)):
-            cfg = {"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"), "device": "cpu"},
-                   "adapters": tmp, "max_batch_size": slots, "max_waiting": 64, "max_tokens_limit": 256}
+        for label, slots, models in (
+            ("one-at-a-time", 1, names[:1]),
+            ("batched, 1 adapter", 16, names[:1]),
+            ("batched, 8 adapters mixed (K 10 and 5)", 16, names),
+        ):
+            cfg = {
+                "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"), "device": "cpu"},
+                "adapters": tmp,
+                "max_batch_size": slots,
+                "max_waiting": 64,
+                "max_tokens_limit": 256,
+            }
             serve.run(build_app(cfg), name="bench", route_prefix="/")
             _http_load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
             rows[label] = _http_load(url, models, n_requests, clients, max_tokens)
@@ -316,7 +366,9 @@ def _chart(path: Path, result: dict) -> None:
     http = result["http"]
     labels = [f"engine: {k} (per CPU-s)" for k in closed] + [f"HTTP: {k} (wall)" for k in http]
     values = [r["tokens_per_cpu_s"] for r in closed.values()] + [r["tokens_per_s"] for r in http.values()]
-    bars = a.barh(labels, values, color=["#999999", "#e07b39", "#4878a8", "#6aa84f"] + ["#bbbbbb", "#4878a8", "#6aa84f"])
+    bars = a.barh(
+        labels, values, color=["#999999", "#e07b39", "#4878a8", "#6aa84f"] + ["#bbbbbb", "#4878a8", "#6aa84f"]
+    )
     a.bar_label(bars, fmt="%.0f")
     a.invert_yaxis()
     a.set_xlabel("tokens / s (engine: per CPU-second; HTTP: wall clock)")
@@ -324,10 +376,20 @@ def _chart(path: Path, result: dict) -> None:
     open_loop = result["engine"]["open_loop_poisson"]
     for label, color in (("wave", "#e07b39"), ("continuous", "#4878a8")):
         rates = sorted(open_loop[label], key=float)
-        b.plot([float(r) for r in rates], [open_loop[label][r]["short_ttft_p99_s"] for r in rates], "o-",
-               color=color, label=f"{label}: p99 TTFT, max_tokens <= {SHORT}")
-        b.plot([float(r) for r in rates], [open_loop[label][r]["ttft_p50_s"] for r in rates], "x--",
-               color=color, label=f"{label}: p50 TTFT, all")
+        b.plot(
+            [float(r) for r in rates],
+            [open_loop[label][r]["short_ttft_p99_s"] for r in rates],
+            "o-",
+            color=color,
+            label=f"{label}: p99 TTFT, max_tokens <= {SHORT}",
+        )
+        b.plot(
+            [float(r) for r in rates],
+            [open_loop[label][r]["ttft_p50_s"] for r in rates],
+            "x--",
+            color=color,
+            label=f"{label}: p50 TTFT, all",
+        )
     b.set_yscale("log")
     b.set_xlabel("Poisson arrivals / s (engine time; max_tokens 16-256)")
     b.set_ylabel("time to first token (s of engine CPU time)")
@@ -355,32 +417,47 @@ def run(quick: bool = False, rates: tuple[float, ...] = (4.0, 8.0, 16.0)) -> dic
         torch.set_num_threads(threads)
     http = http_level(stories, 16 if quick else 96, 16, 8 if quick else 32)
     closed = engine["closed_loop_16_clients"]
-    short = {label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
-             for label, rows in engine["open_loop_poisson"].items()}
+    short = {
+        label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
+        for label, rows in engine["open_loop_poisson"].items()
+    }
     result = {
         "what": "continuous batching vs the wave engine, stories260K base, greedy (measured)",
-        "settings": {"engine": {"torch_threads": 1, "slots_or_wave": 16, "max_tokens_mixed": MAX_TOKENS_CHOICES,
-                                "closed_loop_requests": n_closed, "closed_loop_repeats_median_kept": repeats,
-                                "open_loop_requests_per_rate": n_open,
-                                "short_means_max_tokens_at_most": SHORT, "wave_window_s": 0.02,
-                                "time": "engine process CPU seconds, idle gaps skipped to the next arrival"},
-                     "http": {"max_tokens": 8 if quick else 32, "clients": 16, "replicas": 1}},
+        "settings": {
+            "engine": {
+                "torch_threads": 1,
+                "slots_or_wave": 16,
+                "max_tokens_mixed": MAX_TOKENS_CHOICES,
+                "closed_loop_requests": n_closed,
+                "closed_loop_repeats_median_kept": repeats,
+                "open_loop_requests_per_rate": n_open,
+                "short_means_max_tokens_at_most": SHORT,
+                "wave_window_s": 0.02,
+                "time": "engine process CPU seconds, idle gaps skipped to the next arrival",
+            },
+            "http": {"max_tokens": 8 if quick else 32, "clients": 16, "replicas": 1},
+        },
         "engine": engine,
         "http": http,
         "batched_vs_one_at_a_time_engine": closed["continuous (16 slots)"]["tokens_per_cpu_s"]
         / closed["one-at-a-time (1 slot)"]["tokens_per_cpu_s"],
-        "batched_vs_one_at_a_time_http": http["batched, 1 adapter"]["tokens_per_s"] / http["one-at-a-time"]["tokens_per_s"],
+        "batched_vs_one_at_a_time_http": http["batched, 1 adapter"]["tokens_per_s"]
+        / http["one-at-a-time"]["tokens_per_s"],
         "continuous_vs_wave_tokens_per_cpu_s": closed["continuous (16 slots)"]["tokens_per_cpu_s"]
         / closed["wave engine (16 per wave)"]["tokens_per_cpu_s"],
-        "short_ttft_p99_wave_over_continuous": {rate: short["wave"][rate] / short["continuous"][rate]
-                                                for rate in short["wave"]},
+        "short_ttft_p99_wave_over_continuous": {
+            rate: short["wave"][rate] / short["continuous"][rate] for rate in short["wave"]
+        },
         "mixed_vs_single_adapter_engine": closed["continuous, 8 adapters (K 10 and 5)"]["tokens_per_cpu_s"]
         / closed["continuous (16 slots)"]["tokens_per_cpu_s"],
         "engine_ratios_are": "tokens per CPU-second of the engine process (the median of the repeats)",
         "mixed_vs_single_adapter_http": http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"]
         / http["batched, 1 adapter"]["tokens_per_s"],
-        "goals": {"batched_vs_one_at_a_time": ">= 4", "short_ttft_p99_wave_over_continuous": ">= 3",
-                  "mixed_vs_single_adapter": ">= 0.9"},
+        "goals": {
+            "batched_vs_one_at_a_time": ">= 4",
+            "short_ttft_p99_wave_over_continuous": ">= 3",
+            "mixed_vs_single_adapter": ">= 0.9",
+        },
     }
     path = write_result("serve", result)
     _chart(common.RESULTS / "serve.png", result)

@@ -21,8 +21,15 @@ from pathlib import Path
 from bench.common import RESULTS, write_result
 
 ARMS = ("zero-init", "fixed-one", "linear-probe")
-TINY_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 3, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64,
-            "num_classes": 10}
+TINY_VIT = {
+    "image_size": 32,
+    "patch_size": 8,
+    "num_layers": 3,
+    "num_heads": 2,
+    "hidden_dim": 32,
+    "mlp_dim": 64,
+    "num_classes": 10,
+}
 COLORS = ["red", "blue", "green", "yellow"]
 FILLER = "the a of river stone walked over under quiet small house garden old city near light".split()
 
@@ -35,8 +42,10 @@ def synthetic_squad(n: int, seed: int, after_near: bool = False) -> dict:
     paragraphs = []
     for i in range(n):
         words = [rng.choice([w for w in FILLER if w != "near"]) for _ in range(rng.randint(8, 16))]
-        qa = {"id": f"s{seed}-{i}", "question": "Which color comes after near?" if after_near
-              else "Which color is named?"}
+        qa = {
+            "id": f"s{seed}-{i}",
+            "question": "Which color comes after near?" if after_near else "Which color is named?",
+        }
         if rng.random() < 0.2:
             if after_near:
                 words.insert(rng.randint(0, len(words)), rng.choice(COLORS))
@@ -55,26 +64,40 @@ def synthetic_squad(n: int, seed: int, after_near: bool = False) -> dict:
 
 
 def common(tmp: Path) -> dict:
-    return {"output_dir": str(tmp / "runs"), "ray": {"num_cpus": 4}, "checkpoint": {"keep": 1},
-            "workers": {"num_workers": 2, "cpus_per_worker": 0.5}, "evaluation": {"batch_size": 64}}
+    return {
+        "output_dir": str(tmp / "runs"),
+        "ray": {"num_cpus": 4},
+        "checkpoint": {"keep": 1},
+        "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "evaluation": {"batch_size": 64},
+    }
 
 
 def digits_config(tmp: Path, epochs: float) -> dict:
-    from adapter.vit import ViTShape, save_random_vit
+    from adapter.backbones.vit import ViTShape, save_random_vit
     from pipelines.image_folder import write_digits
 
     if not (tmp / "digits" / "train").is_dir():
         write_digits(tmp / "digits", size=32)
     weights = save_random_vit(tmp / "tiny-vit.safetensors", ViTShape(**TINY_VIT))
-    return {**common(tmp), "task": "image-classification",
-            "encoder": {"weights": str(weights), "vit": TINY_VIT, "adapter": {"prompt_len": 4, "layers": 2}},
-            "data": {"source": str(tmp / "digits"), "out": str(tmp / "digits-records")},
-            "optim": {"recipe": "custom", "lr": 0.05, "weight_decay": 0.0, "epochs": epochs, "warmup_epochs": 0.2,
-                      "micro_batch_size": 32}}
+    return {
+        **common(tmp),
+        "task": "image-classification",
+        "encoder": {"weights": str(weights), "vit": TINY_VIT, "adapter": {"prompt_len": 4, "layers": 2}},
+        "data": {"source": str(tmp / "digits"), "out": str(tmp / "digits-records")},
+        "optim": {
+            "recipe": "custom",
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "epochs": epochs,
+            "warmup_epochs": 0.2,
+            "micro_batch_size": 32,
+        },
+    }
 
 
 def squad_config(tmp: Path, epochs: float, after_near: bool = False) -> dict:
-    from adapter.roberta import save_random_roberta
+    from adapter.backbones.roberta import save_random_roberta
 
     tag = "near" if after_near else "color"
     train, dev = synthetic_squad(400, 1, after_near), synthetic_squad(200, 2, after_near)
@@ -82,13 +105,30 @@ def squad_config(tmp: Path, epochs: float, after_near: bool = False) -> dict:
     (tmp / f"dev-{tag}.json").write_text(json.dumps(dev))
     texts = [p["context"] + " " + q["question"] for a in train["data"] for p in a["paragraphs"] for q in p["qas"]]
     folder = save_random_roberta(tmp / f"tiny-roberta-{tag}", texts, hidden_size=32, num_layers=2, num_heads=2)
-    return {**common(tmp), "task": "squad",
-            "encoder": {"weights": str(folder), "eval_source": str(tmp / f"dev-{tag}.json"), "doc_stride": 16,
-                        "adapter": {"prompt_len": 4, "layers": 2}},
-            "data": {"source": str(tmp / f"train-{tag}.json"), "out": str(tmp / f"squad-records-{tag}"),
-                     "max_seq_len": 48, "val_fraction": 0.1},
-            "optim": {"recipe": "custom", "lr": 0.05, "weight_decay": 0.0, "epochs": epochs, "warmup_epochs": 0.5,
-                      "micro_batch_size": 16}}
+    return {
+        **common(tmp),
+        "task": "squad",
+        "encoder": {
+            "weights": str(folder),
+            "eval_source": str(tmp / f"dev-{tag}.json"),
+            "doc_stride": 16,
+            "adapter": {"prompt_len": 4, "layers": 2},
+        },
+        "data": {
+            "source": str(tmp / f"train-{tag}.json"),
+            "out": str(tmp / f"squad-records-{tag}"),
+            "max_seq_len": 48,
+            "val_fraction": 0.1,
+        },
+        "optim": {
+            "recipe": "custom",
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "epochs": epochs,
+            "warmup_epochs": 0.5,
+            "micro_batch_size": 16,
+        },
+    }
 
 
 def run_arms(base: dict, metric: str, seeds: tuple[int, ...]) -> dict:
@@ -107,45 +147,71 @@ def run_arms(base: dict, metric: str, seeds: tuple[int, ...]) -> dict:
             cfg["optim"] = {**base["optim"], "seed": seed}
             cfg = TrainConfig.model_validate(cfg)
             summary, result = train(cfg), evaluate(cfg)
-            runs.append({"seed": seed, metric: result[metric], "best_val_loss": summary["best_val_loss"],
-                         "steps": summary["steps"], "train_wall_s": summary["wall_s"],
-                         **({"f1": result["f1"]} if "f1" in result else {})})
+            runs.append(
+                {
+                    "seed": seed,
+                    metric: result[metric],
+                    "best_val_loss": summary["best_val_loss"],
+                    "steps": summary["steps"],
+                    "train_wall_s": summary["wall_s"],
+                    **({"f1": result["f1"]} if "f1" in result else {}),
+                }
+            )
         values = [r[metric] for r in runs]
-        out[arm] = {metric: round(sum(values) / len(values), 2), "min": min(values), "max": max(values),
-                    "trainable": summary["base_note"].split("(")[-1][:-1], "runs": runs}
+        out[arm] = {
+            metric: round(sum(values) / len(values), 2),
+            "min": min(values),
+            "max": max(values),
+            "trainable": summary["base_note"].split("(")[-1][:-1],
+            "runs": runs,
+        }
     return out
 
 
-TASKS = (("digits / ViT", "top1"), ("synthetic SQuAD v2.0: the color / RoBERTa", "exact"),
-         ("synthetic SQuAD v2.0: the color after 'near' / RoBERTa", "exact"))
+TASKS = (
+    ("digits / ViT", "top1"),
+    ("synthetic SQuAD v2.0: the color / RoBERTa", "exact"),
+    ("synthetic SQuAD v2.0: the color after 'near' / RoBERTa", "exact"),
+)
 
 
 def markdown(result: dict) -> str:
-    lines = ["| task (tiny random backbone) | metric, mean of seeds (min-max) | " + " | ".join(ARMS) + " |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| task (tiny random backbone) | metric, mean of seeds (min-max) | " + " | ".join(ARMS) + " |",
+        "|---|---|---|---|---|",
+    ]
     for task, metric in TASKS:
         arms = result["tasks"][task]
         n = len(arms[ARMS[0]]["runs"])
-        lines.append(f"| {task} | {metric}, {n} seed{'s' * (n > 1)} | " + " | ".join(
-            f"{arms[a][metric]:.1f} ({arms[a]['min']:.1f}-{arms[a]['max']:.1f})" for a in ARMS) + " |")
+        lines.append(
+            f"| {task} | {metric}, {n} seed{'s' * (n > 1)} | "
+            + " | ".join(f"{arms[a][metric]:.1f} ({arms[a]['min']:.1f}-{arms[a]['max']:.1f})" for a in ARMS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def run(quick: bool = False) -> dict:
-    from pipelines.ray_session import connect
     from pipelines.config import RaySection
+    from pipelines.ray_session import connect
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect(RaySection(num_cpus=4))
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         seeds = (0,) if quick else (0, 1, 2)
-        tasks = {TASKS[0][0]: run_arms(digits_config(tmp, 0.5 if quick else 2), "top1", seeds),
-                 TASKS[1][0]: run_arms(squad_config(tmp, 1 if quick else 6), "exact", seeds),
-                 TASKS[2][0]: run_arms(squad_config(tmp, 1 if quick else 6, after_near=True), "exact", seeds)}
-    result = {"what": "zero-init gated prompts vs gate fixed at 1 vs linear probe, same data / steps / lr, MEASURED "
-                      "on this CPU machine with tiny RANDOM backbones (no pretrained ViT / RoBERTa reachable), "
-                      "3 seeds per arm", "quick": quick, "tasks": tasks}
+        tasks = {
+            TASKS[0][0]: run_arms(digits_config(tmp, 0.5 if quick else 2), "top1", seeds),
+            TASKS[1][0]: run_arms(squad_config(tmp, 1 if quick else 6), "exact", seeds),
+            TASKS[2][0]: run_arms(squad_config(tmp, 1 if quick else 6, after_near=True), "exact", seeds),
+        }
+    result = {
+        "what": "zero-init gated prompts vs gate fixed at 1 vs linear probe, same data / steps / lr, MEASURED "
+        "on this CPU machine with tiny RANDOM backbones (no pretrained ViT / RoBERTa reachable), "
+        "3 seeds per arm",
+        "quick": quick,
+        "tasks": tasks,
+    }
     result["table"] = markdown(result)
     (RESULTS / "zero_init_comparison.md").write_text(result["table"] + "\n")
     path = write_result("zero_init_comparison", result)
@@ -169,8 +235,11 @@ def plot(result: dict, path: Path) -> Path:
         for x, (t, m) in zip(xs, TASKS):
             runs = [r[m] for r in result["tasks"][t][arm]["runs"]]
             ax.plot([x] * len(runs), runs, "k.", markersize=4)
-    ax.set_xticks(range(len(TASKS)), [t.replace("synthetic SQuAD v2.0: ", "SQuAD-style: ").replace(" / ", "\n") +
-                                       f" ({m})" for t, m in TASKS], fontsize=8)
+    ax.set_xticks(
+        range(len(TASKS)),
+        [t.replace("synthetic SQuAD v2.0: ", "SQuAD-style: ").replace(" / ", "\n") + f" ({m})" for t, m in TASKS],
+        fontsize=8,
+    )
     ax.set_ylabel("held-out score, % (mean of seeds; dots: each seed)")
     ax.set_title("zero-init vs gate fixed at 1 vs linear probe, tiny RANDOM backbones (CPU)")
     ax.legend(fontsize=8)

@@ -21,7 +21,9 @@ def score_captions(references: dict[str, list[str]], hypotheses: dict[str, str])
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if set(references) != set(hypotheses):
-        raise ValueError(f"{len(set(references) ^ set(hypotheses))} image ids have a reference or a hypothesis, not both")
+        raise ValueError(
+            f"{len(set(references) ^ set(hypotheses))} image ids have a reference or a hypothesis, not both"
+        )
     if not references:
         raise ValueError("no captions to score")
     empty = [k for k, refs in references.items() if not refs]

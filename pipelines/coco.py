@@ -23,8 +23,17 @@ from adapter.prompts import format_prompt
 from adapter.settings import add_config_args, config_from_args, project_path
 from adapter.tokenizer import Tokenizer
 from pipelines.config import TrainConfig
-from pipelines.multimodal_data import (FORMAT_VERSION, OUTPUT_SCHEMA, from_rows, listing_digest, new_rows, read_image,
-                                       set_record, sha256_file, write_output)
+from pipelines.multimodal_data import (
+    FORMAT_VERSION,
+    OUTPUT_SCHEMA,
+    from_rows,
+    listing_digest,
+    new_rows,
+    read_image,
+    set_record,
+    sha256_file,
+    write_output,
+)
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -50,9 +59,15 @@ def read_captions(path: Path) -> list[dict]:
 def read_karpathy(path: Path, split: str) -> list[dict]:
     try:
         data = json.loads(Path(path).read_text())
-        return [{"key": str(im["cocoid"]), "file": f"{im['filepath']}/{im['filename']}",
-                 "captions": [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()]}
-                for im in data["images"] if im["split"] in KARPATHY_SPLITS[split]]
+        return [
+            {
+                "key": str(im["cocoid"]),
+                "file": f"{im['filepath']}/{im['filename']}",
+                "captions": [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()],
+            }
+            for im in data["images"]
+            if im["split"] in KARPATHY_SPLITS[split]
+        ]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CocoFormatError(f"{path}: not a Karpathy split file ({type(e).__name__}: {e})") from None
 
@@ -76,8 +91,9 @@ def input_rows(cfg: TrainConfig) -> list[dict]:
     for split in ("train", "val"):
         for im in split_images(cfg, split, cfg.data.limit):
             for cap in im["captions"]:
-                rows.append({"idx": len(rows), "key": im["key"], "split": split, "caption": cap,
-                             "image_path": im["path"]})
+                rows.append(
+                    {"idx": len(rows), "key": im["key"], "split": split, "caption": cap, "image_path": im["path"]}
+                )
     return rows
 
 
@@ -92,8 +108,13 @@ class EncodeCaptions:
         rows = new_rows(batch.num_rows)
         rows["idx"], rows["key"] = batch.column("idx").to_pylist(), batch.column("key").to_pylist()
         seen: dict[str, tuple] = {}
-        for i, (split, cap, path) in enumerate(zip(batch.column("split").to_pylist(), batch.column("caption").to_pylist(),
-                                                   batch.column("image_path").to_pylist())):
+        for i, (split, cap, path) in enumerate(
+            zip(
+                batch.column("split").to_pylist(),
+                batch.column("caption").to_pylist(),
+                batch.column("image_path").to_pylist(),
+            )
+        ):
             if path not in seen:
                 seen[path] = read_image(path)
             image, reason, detail = seen[path]
@@ -107,11 +128,16 @@ class EncodeCaptions:
 def fingerprint(cfg: TrainConfig) -> dict:
     source, c = Path(project_path(cfg.data.source)), cfg.coco
     files = [c.karpathy_split] if c.karpathy_split else [c.train_captions, c.val_captions]
-    return {"format": FORMAT_VERSION, "task": "coco",
-            "annotations_sha256": {f: sha256_file(source / f) for f in files},
-            "images": listing_digest(sorted({Path(r["image_path"]) for r in input_rows(cfg)})),
-            "instruction": c.instruction, "tokenizer_sha256": sha256_file(Path(project_path(cfg.model.tokenizer))),
-            "max_seq_len": cfg.data.max_seq_len, "limit": cfg.data.limit}
+    return {
+        "format": FORMAT_VERSION,
+        "task": "coco",
+        "annotations_sha256": {f: sha256_file(source / f) for f in files},
+        "images": listing_digest(sorted({Path(r["image_path"]) for r in input_rows(cfg)})),
+        "instruction": c.instruction,
+        "tokenizer_sha256": sha256_file(Path(project_path(cfg.model.tokenizer))),
+        "max_seq_len": cfg.data.max_seq_len,
+        "limit": cfg.data.limit,
+    }
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -122,14 +148,26 @@ def run(cfg: TrainConfig) -> dict:
     rows = input_rows(cfg)
     if not rows:
         raise ValueError(f"{cfg.data.source}: no captioned images in the train / val splits")
-    processed = from_rows(rows).map_batches(
-        EncodeCaptions, fn_constructor_args=(project_path(cfg.model.tokenizer), cfg.data.max_seq_len,
-                                             cfg.coco.instruction),
-        batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-    ).materialize()
+    processed = (
+        from_rows(rows)
+        .map_batches(
+            EncodeCaptions,
+            fn_constructor_args=(project_path(cfg.model.tokenizer), cfg.data.max_seq_len, cfg.coco.instruction),
+            batch_format="pyarrow",
+            batch_size=256,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+        )
+        .materialize()
+    )
     images = {r["image_path"] for r in rows}
-    return write_output(processed, Path(project_path(cfg.data.out)), cfg, fingerprint(cfg),
-                        {"task": "coco", "source": cfg.data.source, "images": len(images)}, t0)
+    return write_output(
+        processed,
+        Path(project_path(cfg.data.out)),
+        cfg,
+        fingerprint(cfg),
+        {"task": "coco", "source": cfg.data.source, "images": len(images)},
+        t0,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,16 +11,18 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from adapter.generation import SamplingParams
+from adapter.backbones.adapted import EncoderAdapterConfig
+from adapter.backbones.vit import ViTShape
+from adapter.decoding import SamplingParams
+from adapter.image_encoder import VisionConfig
 from adapter.settings import ModelConfig, Section
-from adapter.encoder_adapter import EncoderAdapterConfig
-from adapter.vision import VisionConfig
-from adapter.vit import ViTShape
 
 
 class DataConfig(Section):
-    source: str = Field(description="JSON (array or lines) / parquet records: a file, a folder, a glob or a "
-                                    "pyarrow URI (s3://...), or an http(s)/file URL of one file")
+    source: str = Field(
+        description="JSON (array or lines) / parquet records: a file, a folder, a glob or a "
+        "pyarrow URI (s3://...), or an http(s)/file URL of one file"
+    )
     sha256: str | None = Field(None, description="expected sha256 of the source (one file only)")
     out: str = Field(description="folder for parquet shards, stats.json and rejects.jsonl")
     max_seq_len: int = Field(512, ge=8, description="records are cut to this many tokens")
@@ -32,14 +34,17 @@ class DataConfig(Section):
 
 class RaySection(Section):
     num_cpus: int | None = Field(
-        None, ge=1, description="logical CPUs of a local Ray started by this job (ignored when a cluster is running)")
+        None, ge=1, description="logical CPUs of a local Ray started by this job (ignored when a cluster is running)"
+    )
     verbose: bool = Field(False, description="show Ray's own logs and progress bars on the console")
 
 
 class OptimConfig(Section):
     recipe: Literal["script", "paper", "custom"] = Field(
-        "script", description="script: lr = blr x global batch / 256 (authors' code); paper: lr = blr (absolute, "
-                              "the paper's batch 64); custom: lr")
+        "script",
+        description="script: lr = blr x global batch / 256 (authors' code); paper: lr = blr (absolute, "
+        "the paper's batch 64); custom: lr",
+    )
     blr: float = Field(9e-3, gt=0)
     lr: float | None = Field(None, gt=0, description="absolute learning rate (recipe 'custom')")
     min_lr: float = 0.0
@@ -74,14 +79,17 @@ class WorkersConfig(Section):
     gpus_per_worker: float = 1.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     peak_tflops: float | None = Field(
-        None, gt=0, description="per-device peak for MFU; default: looked up from the GPU's name")
+        None, gt=0, description="per-device peak for MFU; default: looked up from the GPU's name"
+    )
 
 
 class CheckpointConfig(Section):
     every_n_steps: int | None = Field(None, ge=1)
     keep: int = Field(2, ge=1, description="best k checkpoints kept, by held-out loss")
-    resume_from: str | None = Field(None, description="a checkpoint folder to start from (a TRUSTED folder: "
-                                                      "DeepSpeed unpickles its optimizer state)")
+    resume_from: str | None = Field(
+        None,
+        description="a checkpoint folder to start from (a TRUSTED folder: DeepSpeed unpickles its optimizer state)",
+    )
     max_failures: int = Field(1, ge=0)
 
 
@@ -102,7 +110,8 @@ class ScienceQAData(Section):
 
     images: str | None = Field(None, description="folder holding <split>/<pid>/image.png (default <source>/images)")
     missing_image: Literal["reject", "text_only"] = Field(
-        "reject", description="a problem whose image file is absent: set aside (reject) or used without it")
+        "reject", description="a problem whose image file is absent: set aside (reject) or used without it"
+    )
 
 
 class CocoData(Section):
@@ -136,17 +145,23 @@ class EncoderTask(Section):
     METHOD.md section 8. Held-out data: the image folder's val/ split (else a hash split of train/
     by data.val_fraction); for SQuAD a hash split of the training questions."""
 
-    weights: str = Field(description="image-classification: a torchvision ViT state dict (.safetensors, or .pth "
-                                     "read with weights_only); squad: a transformers RobertaModel folder with its "
-                                     "fast tokenizer")
+    weights: str = Field(
+        description="image-classification: a torchvision ViT state dict (.safetensors, or .pth "
+        "read with weights_only); squad: a transformers RobertaModel folder with its "
+        "fast tokenizer"
+    )
     vit: ViTShape = Field(ViTShape.vit_b_16(), description="the ViT's shape (image-classification)")
     adapter: EncoderAdapterConfig = EncoderAdapterConfig()
     doc_stride: int = Field(128, ge=1, description="SQuAD: overlap of consecutive windows of a long context")
     max_answer_len: int = Field(30, ge=1, description="SQuAD: longest answer span, in tokens")
-    null_threshold: float = Field(0.0, description="SQuAD v2.0: answer '' when the no-answer score beats the best "
-                                                   "span by more than this")
-    eval_source: str | None = Field(None, description="what the evaluation job scores: an image folder split "
-                                                      "(default <data.source>/test, else val) or a SQuAD dev file")
+    null_threshold: float = Field(
+        0.0, description="SQuAD v2.0: answer '' when the no-answer score beats the best span by more than this"
+    )
+    eval_source: str | None = Field(
+        None,
+        description="what the evaluation job scores: an image folder split "
+        "(default <data.source>/test, else val) or a SQuAD dev file",
+    )
 
 
 LLAMA_TASKS = ("alpaca", "scienceqa", "coco")
@@ -170,13 +185,17 @@ class PreprocessConfig(Section):
             raise ValueError(f"task {self.task!r} needs an `encoder` section (the frozen backbone's weights)")
         # A section of the other family is a mistake (a leftover of another config), not a no-op.
         if self.task in LLAMA_TASKS and self.encoder is not None:
-            raise ValueError(f"task {self.task!r} fine-tunes LLaMA: remove the `encoder` section (it is for tasks "
-                             f"{', '.join(ENCODER_TASKS)})")
+            raise ValueError(
+                f"task {self.task!r} fine-tunes LLaMA: remove the `encoder` section (it is for tasks "
+                f"{', '.join(ENCODER_TASKS)})"
+            )
         if self.task in ENCODER_TASKS and self.model is not None:
             raise ValueError(f"task {self.task!r} adapts the `encoder` backbone: remove the `model` section (LLaMA)")
         if self.task == "squad" and self.encoder.doc_stride >= self.data.max_seq_len // 2:
-            raise ValueError(f"encoder.doc_stride {self.encoder.doc_stride} must be below half of data.max_seq_len "
-                             f"{self.data.max_seq_len}: each window needs room for the question and new context")
+            raise ValueError(
+                f"encoder.doc_stride {self.encoder.doc_stride} must be below half of data.max_seq_len "
+                f"{self.data.max_seq_len}: each window needs room for the question and new context"
+            )
         return self
 
 
@@ -198,8 +217,9 @@ class TrainConfig(PreprocessConfig):
     @model_validator(mode="after")
     def _needs_held_out(self):
         if self.data.val_fraction <= 0:
-            raise ValueError("training needs a held-out split (data.val_fraction > 0): checkpoints are "
-                             "ranked by held-out loss")
+            raise ValueError(
+                "training needs a held-out split (data.val_fraction > 0): checkpoints are ranked by held-out loss"
+            )
         if self.task == "coco" and self.vision is None:
             raise ValueError("task 'coco' captions images: it needs a `vision` section (the image encoder)")
         return self

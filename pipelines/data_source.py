@@ -42,10 +42,10 @@ class DataSourceError(RuntimeError):
 class Source:
     """The files of a data source, in a fixed order (their number in it is part of each record's id)."""
 
-    spec: str                  # what the config said
-    kind: str                  # "file", "folder" or "glob"
-    files: tuple[str, ...]     # paths as `filesystem` names them, sorted
-    filesystem: object         # a pyarrow.fs.FileSystem
+    spec: str  # what the config said
+    kind: str  # "file", "folder" or "glob"
+    files: tuple[str, ...]  # paths as `filesystem` names them, sorted
+    filesystem: object  # a pyarrow.fs.FileSystem
 
     @property
     def local_file(self) -> Path | None:
@@ -97,8 +97,10 @@ def _download(url: str, cache_dir: Path) -> Path:
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with urllib.request.urlopen(url, timeout=60) as resp, \
-                    tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            with (
+                urllib.request.urlopen(url, timeout=60) as resp,
+                tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
+            ):
                 shutil.copyfileobj(resp, tmp)
         except Exception as e:
             raise DataSourceError(f"could not download {url}: {e}") from None
@@ -153,7 +155,8 @@ def fetch(source: str, sha256: str | None = None, cache_dir: Path | None = None)
     # http(s) names one file; so does a file:// URL, unless it is a folder or a glob (then it is
     # a pyarrow URI like any other).
     one_file = parsed.scheme in DOWNLOAD_SCHEMES and not (
-        parsed.scheme == "file" and (_has_glob(source) or Path(urllib.parse.unquote(parsed.path)).is_dir()))
+        parsed.scheme == "file" and (_has_glob(source) or Path(urllib.parse.unquote(parsed.path)).is_dir())
+    )
     if one_file:
         path = _download(source, cache_dir or DEFAULT_CACHE)
         if sha256 is not None:
@@ -161,8 +164,10 @@ def fetch(source: str, sha256: str | None = None, cache_dir: Path | None = None)
             if got != sha256.lower():
                 # Removed: kept, it would fail every later run the same way without a new download.
                 path.unlink(missing_ok=True)
-                raise DataSourceError(f"{source}: sha256 {got} does not match the expected {sha256} "
-                                      f"(the download was removed from the cache)")
+                raise DataSourceError(
+                    f"{source}: sha256 {got} does not match the expected {sha256} "
+                    f"(the download was removed from the cache)"
+                )
         return Source(source, "file", (str(path),), pafs.LocalFileSystem())
 
     fs, path = _filesystem_for(source)

@@ -3,7 +3,7 @@ LLaMA recipe's stages, checkpoints, resume checks, fault injection and metrics (
 with a frozen ViT or RoBERTa instead of LLaMA and a task head beside the prompts.
 
 What changes is only what a model is: `build_model` loads the backbone and wraps its top layers
-(adapter/encoder_adapter.py); the trainable module handed to DeepSpeed is the EncoderAdapter
+(adapter/backbones/adapted.py); the trainable module handed to DeepSpeed is the EncoderAdapter
 (prompts, gates, head); a step's loss is cross-entropy over classes, or over start and end
 positions; validation also reports accuracy (top-1; for QA, windows whose start and end are both
 right). The ICLR comparison's three arms are one setting, `encoder.adapter.gate`.
@@ -17,26 +17,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapter.encoder_adapter import (ADAPTER_FILENAME, AdaptedRoberta, AdaptedViT, EncoderAdapterFileError,
-                                     adapt_roberta, adapt_vit, load_encoder_adapter, save_encoder_adapter)
+from adapter.backbones.adapted import (
+    ADAPTER_FILENAME,
+    AdaptedRoberta,
+    AdaptedViT,
+    EncoderAdapterFileError,
+    adapt_roberta,
+    adapt_vit,
+    load_encoder_adapter,
+    save_encoder_adapter,
+)
 from pipelines.train_worker import AdapterRecipe, all_reduce_sum
 
 
 def decode_pixels(images: list[bytes], shape) -> torch.Tensor:
     """Image file bytes -> (N, 3, S, S), preprocessed once per run (the backbone is frozen)."""
-    from adapter.vision import decode_image
-    from adapter.vit import preprocess_images
+    from adapter.backbones.vit import preprocess_images
+    from adapter.image_encoder import decode_image
 
     if not images:
         return torch.zeros(0, 3, shape.image_size, shape.image_size)
-    parts = [preprocess_images([decode_image(b) for b in images[i:i + 256]], shape)
-             for i in range(0, len(images), 256)]
+    parts = [
+        preprocess_images([decode_image(b) for b in images[i : i + 256]], shape) for i in range(0, len(images), 256)
+    ]
     return torch.cat(parts)
 
 
 class EncoderRecipe(AdapterRecipe):
     ADAPTER_FILE = ADAPTER_FILENAME  # encoder_adapter.safetensors
     SHARD_COLUMNS = ()  # `inputs` reads every column with a default
+
     # --- model ----------------------------------------------------------------------------------
     def build_model(self) -> None:
         e = self.cfg.encoder
@@ -44,14 +54,14 @@ class EncoderRecipe(AdapterRecipe):
         torch.manual_seed(self.cfg.optim.seed)  # identical prompts and head on every rank
         with self.timer("load_model"):
             if self.cfg.task == "image-classification":
-                from adapter.vit import load_vit
+                from adapter.backbones.vit import load_vit
 
                 labels = self.data_fingerprint["classes"]
                 self.base = load_vit(e.weights, e.vit, device=self.device)
                 self.model = adapt_vit(self.base, e.adapter, labels, weights=e.weights)
                 self.base_note = f"frozen ViT {e.vit.hidden_dim}x{e.vit.num_layers} from {Path(e.weights).name}"
             else:
-                from adapter.roberta import load_roberta
+                from adapter.backbones.roberta import load_roberta
 
                 self.base = load_roberta(e.weights, device=self.device)
                 self.model = adapt_roberta(self.base, e.adapter, e.weights)
@@ -59,7 +69,9 @@ class EncoderRecipe(AdapterRecipe):
         self.model.adapter.to(self.device)
         self.prompts = self.model.adapter  # the trainable module: prompts, gates, head
         self.spec = self.model.adapter.spec
-        self.base_note += f", adapter {e.adapter.gate} ({sum(p.numel() for p in self.model.trainable_parameters()):,} trainable)"
+        self.base_note += (
+            f", adapter {e.adapter.gate} ({sum(p.numel() for p in self.model.trainable_parameters()):,} trainable)"
+        )
 
     def prepare_data(self) -> None:
         with self.timer("decode_inputs"):
@@ -69,10 +81,14 @@ class EncoderRecipe(AdapterRecipe):
 
     def inputs(self, split: dict) -> dict[str, torch.Tensor]:
         if self.cfg.task == "image-classification":
-            return {"pixel_values": decode_pixels(split.get("image", []), self.cfg.encoder.vit),
-                    "labels": torch.tensor(split.get("label", []), dtype=torch.long)}
-        return {k: torch.tensor(split.get(k, []), dtype=torch.long)
-                for k in ("input_ids", "attention_mask", "start_positions", "end_positions")}
+            return {
+                "pixel_values": decode_pixels(split.get("image", []), self.cfg.encoder.vit),
+                "labels": torch.tensor(split.get("label", []), dtype=torch.long),
+            }
+        return {
+            k: torch.tensor(split.get(k, []), dtype=torch.long)
+            for k in ("input_ids", "attention_mask", "start_positions", "end_positions")
+        }
 
     def adapter_settings(self) -> dict:
         return {"encoder_adapter": self.cfg.encoder.adapter.model_dump(mode="json"), "backbone": self.spec.identity}
@@ -103,8 +119,13 @@ class EncoderRecipe(AdapterRecipe):
         assert isinstance(self.model, AdaptedRoberta)
         start, end = self.model.span_logits(x["input_ids"], x["attention_mask"])
         outside = start.shape[1]
-        loss = sum(torch.nn.functional.cross_entropy(lg, pos.clamp(0, outside), ignore_index=outside)
-                   for lg, pos in ((start, x["start_positions"]), (end, x["end_positions"]))) / 2
+        loss = (
+            sum(
+                torch.nn.functional.cross_entropy(lg, pos.clamp(0, outside), ignore_index=outside)
+                for lg, pos in ((start, x["start_positions"]), (end, x["end_positions"]))
+            )
+            / 2
+        )
         right = (start.argmax(-1) == x["start_positions"]) & (end.argmax(-1) == x["end_positions"])
         return loss, right.sum()
 
@@ -121,10 +142,17 @@ class EncoderRecipe(AdapterRecipe):
         self.step += 1
         loss_sum, right, n = all_reduce_sum(sums)
         dt = time.perf_counter() - t0
-        row = {"kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-               "loss": loss_sum / n.clamp(min=1), "train_accuracy": right / n.clamp(min=1),
-               "lr": self.sched.get_last_lr()[0], "grad_norm": self.engine.get_global_grad_norm(),
-               "records_per_s": n / dt, "step_time_s": dt}
+        row = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": loss_sum / n.clamp(min=1),
+            "train_accuracy": right / n.clamp(min=1),
+            "lr": self.sched.get_last_lr()[0],
+            "grad_norm": self.engine.get_global_grad_norm(),
+            "records_per_s": n / dt,
+            "step_time_s": dt,
+        }
         if self.prompts.prompts is not None:
             row["gate_abs_mean"] = self.prompts.prompts.activated_gate().detach().abs().mean()
         return row
@@ -143,8 +171,16 @@ class EncoderRecipe(AdapterRecipe):
             loss_sum, right, n = all_reduce_sum(sums).tolist()
             self.val_loss = loss_sum / n if n else float("nan")
             self.val_accuracy = right / n if n else float("nan")
-        self.log.add({"kind": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                      "val_loss": self.val_loss, "val_accuracy": self.val_accuracy}, flush=True)
+        self.log.add(
+            {
+                "kind": "val",
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "val_loss": self.val_loss,
+                "val_accuracy": self.val_accuracy,
+            },
+            flush=True,
+        )
         return self.val_loss
 
     def sample(self) -> None:

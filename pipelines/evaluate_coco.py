@@ -19,8 +19,8 @@ from pathlib import Path
 from adapter.prompts import format_prompt
 from adapter.settings import add_config_args, config_from_args
 from pipelines.caption_metrics import score_captions
-from pipelines.config import TrainConfig
 from pipelines.coco import split_images
+from pipelines.config import TrainConfig
 from pipelines.evaluate_scienceqa import default_paths
 
 
@@ -46,19 +46,38 @@ def run(cfg: TrainConfig) -> dict:
     hyps = {im["key"]: preds[im["key"]]["generation"].strip() for im in images}
     metrics = score_captions({im["key"]: im["captions"] for im in images}, hyps)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "captions.json").write_text(json.dumps([{"image_id": int(k) if k.isdigit() else k, "caption": c}
-                                                   for k, c in hyps.items()]))
+    (out / "captions.json").write_text(
+        json.dumps([{"image_id": int(k) if k.isdigit() else k, "caption": c} for k, c in hyps.items()])
+    )
     with open(out / "predictions.jsonl", "w") as f:
         for im in images:
             p = preds[im["key"]]
-            f.write(json.dumps({"image_id": im["key"], "caption": hyps[im["key"]], "references": im["captions"],
-                                "error": p["error"] or None}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "image_id": im["key"],
+                        "caption": hyps[im["key"]],
+                        "references": im["captions"],
+                        "error": p["error"] or None,
+                    }
+                )
+                + "\n"
+            )
     errors = [{"image_id": k, "error": p["error"]} for k, p in preds.items() if p["error"]]
-    result = {"split": cfg.evaluation.split, "adapter": adapter, "images": len(images), "metrics": metrics,
-              "metrics_x100": {k: round(100 * v, 2) for k, v in metrics.items()},
-              "errors": errors, "empty_captions": sum(1 for h in hyps.values() if not h),
-              "predict_seconds": round(pred_s, 2), "images_per_s": round(len(images) / pred_s, 2),
-              "actors": cfg.evaluation.actors, "seconds": round(time.time() - t0, 2), "out": str(out)}
+    result = {
+        "split": cfg.evaluation.split,
+        "adapter": adapter,
+        "images": len(images),
+        "metrics": metrics,
+        "metrics_x100": {k: round(100 * v, 2) for k, v in metrics.items()},
+        "errors": errors,
+        "empty_captions": sum(1 for h in hyps.values() if not h),
+        "predict_seconds": round(pred_s, 2),
+        "images_per_s": round(len(images) / pred_s, 2),
+        "actors": cfg.evaluation.actors,
+        "seconds": round(time.time() - t0, 2),
+        "out": str(out),
+    }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -72,10 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     connect(cfg.ray)
     result = run(cfg)
     m = result["metrics_x100"]
-    print("| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D |\n|---|---|---|---|---|\n"
-          f"| {m['BLEU-1']} | {m['BLEU-2']} | {m['BLEU-3']} | {m['BLEU-4']} | {m['CIDEr-D']} |")
-    print(f"[evaluate] {result['images']} images, {len(result['errors'])} errors, {result['images_per_s']} images/s "
-          f"-> {result['out']}")
+    print(
+        "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D |\n|---|---|---|---|---|\n"
+        f"| {m['BLEU-1']} | {m['BLEU-2']} | {m['BLEU-3']} | {m['BLEU-4']} | {m['CIDEr-D']} |"
+    )
+    print(
+        f"[evaluate] {result['images']} images, {len(result['errors'])} errors, {result['images_per_s']} images/s "
+        f"-> {result['out']}"
+    )
     return result
 
 

@@ -32,22 +32,22 @@ class EncoderPredictor:
     """One frozen backbone + adapter per actor (loaded once), checked against each other by file."""
 
     def __init__(self, train_config: dict, adapter_path: str):
-        from adapter.encoder_adapter import AdaptedRoberta, AdaptedViT, load_encoder_adapter, roberta_spec, vit_spec
-
         import ray
+
+        from adapter.backbones.adapted import AdaptedRoberta, AdaptedViT, load_encoder_adapter, roberta_spec, vit_spec
 
         cfg = TrainConfig.model_validate(train_config)
         self.cfg, e = cfg, cfg.encoder
         # The GPU Ray reserved for this actor, if any (evaluation.gpus_per_actor).
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         if cfg.task == "image-classification":
-            from adapter.vit import load_vit
+            from adapter.backbones.vit import load_vit
 
             vit = load_vit(e.weights, e.vit, device=self.device)
             adapter = load_encoder_adapter(adapter_path, vit_spec(vit, e.weights), device=self.device)
             self.model = AdaptedViT(vit, adapter)
         else:
-            from adapter.roberta import load_roberta, load_roberta_tokenizer
+            from adapter.backbones.roberta import load_roberta, load_roberta_tokenizer
 
             roberta = load_roberta(e.weights, device=self.device)
             adapter = load_encoder_adapter(adapter_path, roberta_spec(roberta, e.weights), device=self.device)
@@ -62,8 +62,8 @@ class EncoderPredictor:
         return self.answer(batch)
 
     def classify(self, batch: dict) -> dict:
-        from adapter.vision import ImageError, decode_image
-        from adapter.vit import preprocess_images
+        from adapter.backbones.vit import preprocess_images
+        from adapter.image_encoder import ImageError, decode_image
 
         n = len(batch["key"])
         preds, errors, images, live = np.full(n, -1), [""] * n, [], []
@@ -82,11 +82,15 @@ class EncoderPredictor:
         from pipelines.squad_data import best_answers, features_for_eval, question_fits
 
         e, max_len = self.cfg.encoder, self.cfg.data.max_seq_len
-        examples = [{"id": q, "question": qu, "context": c} for q, qu, c in
-                    zip(batch["id"], batch["question"], batch["context"])]
+        examples = [
+            {"id": q, "question": qu, "context": c}
+            for q, qu, c in zip(batch["id"], batch["question"], batch["context"])
+        ]
         # A question too long for a window is answered "" and listed (it would fail the whole batch).
-        errors = ["" if question_fits(x["question"], self.tok, max_len, e.doc_stride) else "question_too_long"
-                  for x in examples]
+        errors = [
+            "" if question_fits(x["question"], self.tok, max_len, e.doc_stride) else "question_too_long"
+            for x in examples
+        ]
         asked = [x for x, err in zip(examples, errors) if not err]
         answers, windows = {}, {}
         if asked:
@@ -94,15 +98,25 @@ class EncoderPredictor:
             ids, mask = torch.as_tensor(features["input_ids"]), torch.as_tensor(features["attention_mask"])
             starts, ends = [], []
             for i in range(0, len(ids), 32):
-                s, t = self.model.span_logits(ids[i:i + 32].to(self.device), mask[i:i + 32].to(self.device))
-                starts.append(s.float().cpu().numpy()); ends.append(t.float().cpu().numpy())
-            answers = best_answers(asked, features, np.concatenate(starts), np.concatenate(ends),
-                                   max_answer_len=e.max_answer_len, null_threshold=e.null_threshold,
-                                   version_2=bool(batch["version_2"][0]))
+                s, t = self.model.span_logits(ids[i : i + 32].to(self.device), mask[i : i + 32].to(self.device))
+                starts.append(s.float().cpu().numpy())
+                ends.append(t.float().cpu().numpy())
+            answers = best_answers(
+                asked,
+                features,
+                np.concatenate(starts),
+                np.concatenate(ends),
+                max_answer_len=e.max_answer_len,
+                null_threshold=e.null_threshold,
+                version_2=bool(batch["version_2"][0]),
+            )
             windows = {q: features["example_id"].count(q) for q in answers}
-        return {"id": batch["id"], "prediction": np.array([answers.get(q, "") for q in batch["id"]], dtype=object),
-                "windows": np.array([windows.get(q, 0) for q in batch["id"]]),
-                "error": np.array(errors, dtype=object)}
+        return {
+            "id": batch["id"],
+            "prediction": np.array([answers.get(q, "") for q in batch["id"]], dtype=object),
+            "windows": np.array([windows.get(q, 0) for q in batch["id"]]),
+            "error": np.array(errors, dtype=object),
+        }
 
 
 def eval_images(cfg: TrainConfig) -> tuple[list[dict], dict]:
@@ -110,8 +124,11 @@ def eval_images(cfg: TrainConfig) -> tuple[list[dict], dict]:
     from pipelines.image_folder import list_image_folder
 
     root = Path(project_path(cfg.data.source))
-    folder = Path(project_path(cfg.encoder.eval_source)) if cfg.encoder.eval_source else (
-        root / "test" if (root / "test").is_dir() else root / "val")
+    folder = (
+        Path(project_path(cfg.encoder.eval_source))
+        if cfg.encoder.eval_source
+        else (root / "test" if (root / "test").is_dir() else root / "val")
+    )
     classes, items, rejects = list_image_folder(folder)
     if cfg.evaluation.limit:  # a seeded sample across classes (items are sorted by class)
         items = sorted(random.Random(0).sample(items, min(cfg.evaluation.limit, len(items))))
@@ -124,12 +141,13 @@ def pool_map(cfg: TrainConfig, adapter: str, rows: list[dict]) -> list[dict]:
 
     from pipelines.multimodal_predict import map_with_actor_pool
 
-    return map_with_actor_pool(pa.Table.from_pylist(rows), EncoderPredictor, (cfg.model_dump(mode="json"), adapter),
-                               cfg.evaluation)
+    return map_with_actor_pool(
+        pa.Table.from_pylist(rows), EncoderPredictor, (cfg.model_dump(mode="json"), adapter), cfg.evaluation
+    )
 
 
 def run(cfg: TrainConfig) -> dict:
-    from adapter.encoder_adapter import read_encoder_metadata
+    from adapter.backbones.adapted import read_encoder_metadata
     from pipelines.evaluate_scienceqa import default_paths
     from pipelines.train import with_absolute_paths
 
@@ -150,13 +168,24 @@ def run(cfg: TrainConfig) -> dict:
         correct = [int(r["pred"]) == int(r["label"]) and not r["error"] for r in preds]
         per_class = Counter(labels[int(r["label"])] for r in preds)
         right = Counter(labels[int(r["label"])] for r, ok in zip(preds, correct) if ok)
-        result = {**facts, "top1": round(100 * sum(correct) / max(1, len(preds)), 2),
-                  "per_class_top1": {c: round(100 * right[c] / per_class[c], 2) for c in labels if per_class[c]},
-                  "images": len(preds), "errors": [{"key": r["key"], "error": r["error"]} for r in preds if r["error"]],
-                  "images_per_s": round(len(preds) / pred_s, 2)}
-        lines = [{"key": r["key"], "label": labels[int(r["label"])], "pred": labels[int(r["pred"])]
-                  if int(r["pred"]) >= 0 else None, "correct": ok, "error": r["error"] or None}
-                 for r, ok in zip(preds, correct)]
+        result = {
+            **facts,
+            "top1": round(100 * sum(correct) / max(1, len(preds)), 2),
+            "per_class_top1": {c: round(100 * right[c] / per_class[c], 2) for c in labels if per_class[c]},
+            "images": len(preds),
+            "errors": [{"key": r["key"], "error": r["error"]} for r in preds if r["error"]],
+            "images_per_s": round(len(preds) / pred_s, 2),
+        }
+        lines = [
+            {
+                "key": r["key"],
+                "label": labels[int(r["label"])],
+                "pred": labels[int(r["pred"])] if int(r["pred"]) >= 0 else None,
+                "correct": ok,
+                "error": r["error"] or None,
+            }
+            for r, ok in zip(preds, correct)
+        ]
     else:
         from pipelines.squad_data import questions_for_eval
         from pipelines.squad_metrics import is_version_2, score_dataset
@@ -174,17 +203,41 @@ def run(cfg: TrainConfig) -> dict:
         answers = {r["id"]: r["prediction"] for r in preds}
         if cfg.evaluation.limit:  # score only the questions asked
             keep = set(answers)
-            dataset = {"version": dataset.get("version"), "data": [
-                {**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q.get("id") in keep]}
-                                     for p in a["paragraphs"]]} for a in dataset["data"]]}
+            dataset = {
+                "version": dataset.get("version"),
+                "data": [
+                    {
+                        **a,
+                        "paragraphs": [
+                            {**p, "qas": [q for q in p["qas"] if q.get("id") in keep]} for p in a["paragraphs"]
+                        ],
+                    }
+                    for a in dataset["data"]
+                ],
+            }
         scores = score_dataset(dataset, answers, version_2=v2)
-        result = {"split": cfg.encoder.eval_source, "version_2": v2, **scores, "questions": len(examples),
-                  "set_aside": rejects, "questions_per_s": round(len(examples) / pred_s, 2)}
+        result = {
+            "split": cfg.encoder.eval_source,
+            "version_2": v2,
+            **scores,
+            "questions": len(examples),
+            "set_aside": rejects,
+            "questions_per_s": round(len(examples) / pred_s, 2),
+        }
         result["errors"] = [{"id": r["id"], "error": r["error"]} for r in preds if r["error"]]
-        lines = [{"id": r["id"], "prediction": r["prediction"], "windows": int(r["windows"]),
-                  "error": r["error"] or None} for r in preds]
-    result.update({"task": cfg.task, "adapter": adapter, "gate": cfg.encoder.adapter.gate,
-                   "seconds": round(time.time() - t0, 2), "out": str(out)})
+        lines = [
+            {"id": r["id"], "prediction": r["prediction"], "windows": int(r["windows"]), "error": r["error"] or None}
+            for r in preds
+        ]
+    result.update(
+        {
+            "task": cfg.task,
+            "adapter": adapter,
+            "gate": cfg.encoder.adapter.gate,
+            "seconds": round(time.time() - t0, 2),
+            "out": str(out),
+        }
+    )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     with open(out / "predictions.jsonl", "w") as f:
         for line in lines:
@@ -201,11 +254,15 @@ def main(argv: list[str] | None = None) -> dict:
     connect(cfg.ray)
     result = run(cfg)
     if cfg.task == "image-classification":
-        print(f"[evaluate] top-1 {result['top1']}% on {result['images']} images of {result['split']} "
-              f"({len(result['errors'])} errors, {result['images_per_s']} images/s) -> {result['out']}")
+        print(
+            f"[evaluate] top-1 {result['top1']}% on {result['images']} images of {result['split']} "
+            f"({len(result['errors'])} errors, {result['images_per_s']} images/s) -> {result['out']}"
+        )
     else:
-        print(f"[evaluate] SQuAD {'v2.0' if result['version_2'] else 'v1.1'}: exact {result['exact']:.2f}, "
-              f"F1 {result['f1']:.2f} on {result['total']} questions -> {result['out']}")
+        print(
+            f"[evaluate] SQuAD {'v2.0' if result['version_2'] else 'v1.1'}: exact {result['exact']:.2f}, "
+            f"F1 {result['f1']:.2f} on {result['total']} questions -> {result['out']}"
+        )
     return result
 
 

@@ -22,8 +22,18 @@ from pathlib import Path
 
 from adapter.settings import add_config_args, config_from_args, project_path
 from pipelines.config import TrainConfig
-from pipelines.scienceqa import (LETTERS, accuracy, check_problem, classes_of, format_problem, image_file,
-                                 images_root, load_split, markdown_table, parse_answer)
+from pipelines.scienceqa import (
+    LETTERS,
+    accuracy,
+    check_problem,
+    classes_of,
+    format_problem,
+    image_file,
+    images_root,
+    load_split,
+    markdown_table,
+    parse_answer,
+)
 
 
 def default_paths(cfg: TrainConfig, task: str) -> tuple[str, Path]:
@@ -65,9 +75,19 @@ def score(problems: dict, predictions: list[dict]) -> list[dict]:
             letter, parse = None, r["error"].split(":")[0]
         else:
             letter, parse = parse_answer(r["generation"], len(p["choices"]))
-        out.append({"pid": r["key"], "classes": classes_of(p), "answer": truth, "generation": r["generation"],
-                    "parsed": letter, "parse": parse, "correct": parse == "ok" and letter == truth,
-                    "error": r["error"] or None, "has_image": bool(p.get("image"))})
+        out.append(
+            {
+                "pid": r["key"],
+                "classes": classes_of(p),
+                "answer": truth,
+                "generation": r["generation"],
+                "parsed": letter,
+                "parse": parse,
+                "correct": parse == "ok" and letter == truth,
+                "error": r["error"] or None,
+                "has_image": bool(p.get("image")),
+            }
+        )
     return sorted(out, key=lambda x: (len(x["pid"]), x["pid"]))
 
 
@@ -80,7 +100,9 @@ def run(cfg: TrainConfig) -> dict:
     adapter, out = default_paths(cfg, "scienceqa")
     rows, problems, aside = build_rows(cfg)
     if not rows:
-        raise ValueError(f"no ScienceQA problems to evaluate in split {cfg.evaluation.split!r} ({len(aside)} set aside)")
+        raise ValueError(
+            f"no ScienceQA problems to evaluate in split {cfg.evaluation.split!r} ({len(aside)} set aside)"
+        )
     t_pred = time.time()
     scored = score(problems, predict(cfg, adapter, rows))
     pred_s = time.time() - t_pred
@@ -93,12 +115,19 @@ def run(cfg: TrainConfig) -> dict:
     label = f"{cfg.name} ({cfg.evaluation.split}; {with_image} of {len(scored)} with their image)"
     (out / "table.md").write_text(markdown_table(acc, label))
     result = {
-        "split": cfg.evaluation.split, "adapter": adapter, "problems": len(scored), "accuracy": acc,
+        "split": cfg.evaluation.split,
+        "adapter": adapter,
+        "problems": len(scored),
+        "accuracy": acc,
         "wrong_unparseable": [r["pid"] for r in scored if r["parse"] != "ok"],
         "parse_results": {k: sum(1 for r in scored if r["parse"] == k) for k in sorted({r["parse"] for r in scored})},
-        "set_aside": aside, "with_image": with_image,
-        "predict_seconds": round(pred_s, 2), "problems_per_s": round(len(scored) / pred_s, 2),
-        "actors": cfg.evaluation.actors, "seconds": round(time.time() - t0, 2), "out": str(out),
+        "set_aside": aside,
+        "with_image": with_image,
+        "predict_seconds": round(pred_s, 2),
+        "problems_per_s": round(len(scored) / pred_s, 2),
+        "actors": cfg.evaluation.actors,
+        "seconds": round(time.time() - t0, 2),
+        "out": str(out),
     }
     (out / "accuracy.json").write_text(json.dumps(result, indent=2))
     return result
@@ -113,8 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     connect(cfg.ray)
     result = run(cfg)
     print((Path(result["out"]) / "table.md").read_text())
-    print(f"[evaluate] {result['problems']} problems, {len(result['wrong_unparseable'])} unparseable (counted wrong), "
-          f"{len(result['set_aside'])} set aside; {result['problems_per_s']} problems/s -> {result['out']}")
+    print(
+        f"[evaluate] {result['problems']} problems, {len(result['wrong_unparseable'])} unparseable (counted wrong), "
+        f"{len(result['set_aside'])} set aside; {result['problems_per_s']} problems/s -> {result['out']}"
+    )
     return result
 
 

@@ -41,7 +41,9 @@ def digit_image(pixels: np.ndarray, size: int):
     with nearest-neighbour sampling (the 8x8 blocks stay sharp, nothing is invented), grey copied to RGB."""
     from PIL import Image
 
-    grey = np.rint(np.asarray(pixels, dtype=np.float64).reshape(8, 8) * (255.0 / DIGITS_MAX)).clip(0, 255).astype(np.uint8)
+    grey = (
+        np.rint(np.asarray(pixels, dtype=np.float64).reshape(8, 8) * (255.0 / DIGITS_MAX)).clip(0, 255).astype(np.uint8)
+    )
     return Image.fromarray(grey).resize((size, size), Image.NEAREST).convert("RGB")
 
 
@@ -68,13 +70,21 @@ def write_digits(out_dir: str | Path, size: int = 32, val_fraction: float = 0.2,
         folder.mkdir(parents=True, exist_ok=True)
         digit_image(pixels, size).save(folder / f"{index}.png")
         counts[split][str(int(label))] = counts[split].get(str(int(label)), 0) + 1
-    return {"root": str(out), "size": size, "val_fraction": val_fraction, "seed": seed,
-            "classes": sorted({str(int(x)) for x in labels}),
-            "train": sum(counts["train"].values()), "val": sum(counts["val"].values()), "per_class": counts}
+    return {
+        "root": str(out),
+        "size": size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "classes": sorted({str(int(x)) for x in labels}),
+        "train": sum(counts["train"].values()),
+        "val": sum(counts["val"].values()),
+        "per_class": counts,
+    }
 
 
-def list_image_folder(root: str | Path, check_decode: bool = False
-                      ) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+def list_image_folder(
+    root: str | Path, check_decode: bool = False
+) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
     """(classes, items, rejects) of one split folder, by torchvision ImageFolder's rules: classes are
     the sorted names of root's sub-folders, label = index in that list, every file below a class
     folder (at any depth) with an image extension is an item (path relative to root, "/"-separated,
@@ -86,8 +96,9 @@ def list_image_folder(root: str | Path, check_decode: bool = False
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    rejects: list[tuple[str, str]] = [(e.name, "outside_class_folder")
-                                      for e in sorted(os.scandir(root), key=lambda e: e.name) if not e.is_dir()]
+    rejects: list[tuple[str, str]] = [
+        (e.name, "outside_class_folder") for e in sorted(os.scandir(root), key=lambda e: e.name) if not e.is_dir()
+    ]
     items: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         found = 0

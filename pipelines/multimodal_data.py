@@ -22,19 +22,28 @@ import numpy as np
 import pyarrow as pa
 
 from adapter.adapter import IGNORE_INDEX
+from adapter.image_encoder import ImageError, decode_image
 from adapter.settings import save_config
-from adapter.vision import ImageError, decode_image
 from pipelines.data_source import sha256_of
 from pipelines.folders import fresh_tmp, replace_dir
 
 FORMAT_VERSION = 1  # bump when the records written change meaning
 RECORD_COLUMNS = ["idx", "key", "input_ids", "labels", "num_tokens", "num_response_tokens", "truncated", "image"]
-OUTPUT_SCHEMA = pa.schema([
-    ("idx", pa.int64()), ("key", pa.string()), ("split", pa.string()),
-    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()), ("num_response_tokens", pa.int32()), ("truncated", pa.bool_()),
-    ("image", pa.binary()), ("reject_reason", pa.string()), ("reject_detail", pa.string()),
-])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("idx", pa.int64()),
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("num_response_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("image", pa.binary()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+    ]
+)
 
 
 sha256_file = sha256_of  # one hashing routine for every input file (pipelines/data_source.py)
@@ -80,8 +89,9 @@ def new_rows(n: int) -> dict[str, list]:
     return {name: [None] * n for name in OUTPUT_SCHEMA.names}
 
 
-def set_record(rows: dict, i: int, tok, prompt: str, response: str, max_seq_len: int, split: str,
-               image: bytes | None) -> None:
+def set_record(
+    rows: dict, i: int, tok, prompt: str, response: str, max_seq_len: int, split: str, image: bytes | None
+) -> None:
     """Fill row i with a tokenized record, or a reject when nothing of the response survives the cut."""
     ids, labels, truncated = tokenize_pair(tok, prompt, response, max_seq_len)
     n_resp = sum(1 for x in labels if x != IGNORE_INDEX)
@@ -94,8 +104,9 @@ def set_record(rows: dict, i: int, tok, prompt: str, response: str, max_seq_len:
     rows["split"][i], rows["image"][i], rows["reject_reason"][i] = split, image, ""
 
 
-def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: float,
-                 columns: list[str] = RECORD_COLUMNS) -> dict:
+def write_output(
+    processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: float, columns: list[str] = RECORD_COLUMNS
+) -> dict:
     """Write the splits, rejects.jsonl and stats.json (last) into a fresh folder swapped in at `out`.
     `columns`: what the trainer reads (the encoder tasks have no token counts; their stats skip them).
     A reject has split "" and so lands in no split."""
@@ -107,15 +118,24 @@ def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: 
     for split in ("train", "val"):
         (tmp / split).mkdir()  # an empty split folder still tells readers "none"
         processed.filter(expr=col("split") == split).select_columns(columns).write_parquet(str(tmp / split))
-    summary = pa.concat_tables(ray.get(processed.select_columns(
-        ["idx", "key", "split", "reject_reason", "reject_detail"]
-        + (["num_tokens", "num_response_tokens", "truncated"] if tokens else [])).to_arrow_refs())).sort_by("idx")
+    summary = pa.concat_tables(
+        ray.get(
+            processed.select_columns(
+                ["idx", "key", "split", "reject_reason", "reject_detail"]
+                + (["num_tokens", "num_response_tokens", "truncated"] if tokens else [])
+            ).to_arrow_refs()
+        )
+    ).sort_by("idx")
     reasons = Counter(r for r in summary.column("reject_reason").to_pylist() if r)
     with open(tmp / "rejects.jsonl", "w") as f:
         for r in summary.to_pylist():
             if r["reject_reason"]:
-                f.write(json.dumps({"index": r["idx"], "key": r["key"], "reason": r["reject_reason"],
-                                    "detail": r["reject_detail"]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"index": r["idx"], "key": r["key"], "reason": r["reject_reason"], "detail": r["reject_detail"]}
+                    )
+                    + "\n"
+                )
     kept = [r for r in summary.to_pylist() if not r["reject_reason"]]
     splits = Counter(r["split"] for r in kept)
     stats = {
@@ -129,10 +149,14 @@ def write_output(processed, out: Path, cfg, fingerprint: dict, extra: dict, t0: 
     }
     if tokens:
         lengths = np.array([r["num_tokens"] for r in kept])
-        stats.update({"truncated": sum(1 for r in kept if r["truncated"]),
-                      "total_tokens": int(lengths.sum()) if len(lengths) else 0,
-                      "response_tokens": sum(r["num_response_tokens"] for r in kept),
-                      "token_length_max": int(lengths.max()) if len(lengths) else 0})
+        stats.update(
+            {
+                "truncated": sum(1 for r in kept if r["truncated"]),
+                "total_tokens": int(lengths.sum()) if len(lengths) else 0,
+                "response_tokens": sum(r["num_response_tokens"] for r in kept),
+                "token_length_max": int(lengths.max()) if len(lengths) else 0,
+            }
+        )
     stats.update({"seconds": round(time.time() - t0, 2), "fingerprint": fingerprint})
     save_config(cfg, tmp / "config.yaml")
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))  # last: marks the output complete

@@ -15,18 +15,24 @@ import numpy as np
 import torch
 
 from adapter.adapter_file import load_adapter
-from adapter.generation import SamplingParams, generate
+from adapter.decoding import SamplingParams, generate
+from adapter.image_encoder import ImageEncoder, ImageError, decode_image, features_for
 from adapter.loader import load_model
 from adapter.model import PromptKV
-from adapter.vision import ImageEncoder, ImageError, decode_image, features_for
 from pipelines.config import EvalConfig, TrainConfig
 
 
 def split_rows(prefixes: dict[int, PromptKV], n: int) -> list[dict[int, PromptKV]]:
     """Batched prefixes (one row per image, or one shared row) -> one dict per row for `generate`."""
+
     def row(b):
-        return {i: PromptKV(k=p.k[b if p.k.shape[0] > 1 else 0][None], v=p.v[b if p.v.shape[0] > 1 else 0][None],
-                            gate=p.gate) for i, p in prefixes.items()}
+        return {
+            i: PromptKV(
+                k=p.k[b if p.k.shape[0] > 1 else 0][None], v=p.v[b if p.v.shape[0] > 1 else 0][None], gate=p.gate
+            )
+            for i, p in prefixes.items()
+        }
+
     return [row(b) for b in range(n)]
 
 
@@ -36,8 +42,9 @@ class Predictor:
         loaded = load_model(cfg.model)
         self.base, self.tok, self.device = loaded.base, loaded.tokenizer, loaded.device
         self.encoder = ImageEncoder(cfg.vision, loaded.device, loaded.dtype) if cfg.vision else None
-        self.adapter = load_adapter(adapter_path, self.base.args, device=self.device,
-                                    encoder=self.encoder.identity if self.encoder else None)
+        self.adapter = load_adapter(
+            adapter_path, self.base.args, device=self.device, encoder=self.encoder.identity if self.encoder else None
+        )
         self.params = SamplingParams(max_gen_len=max_gen_len, temperature=0.0)
 
     @torch.no_grad()
@@ -65,14 +72,21 @@ class Predictor:
             visual = self.adapter.image_tokens(feats, present)
         rows = split_rows(self.adapter.prefixes(self.base, visual), n)
         live = [i for i in range(n) if not errors[i]]
-        outs = generate(self.base, [ids[i] for i in live], self.params, self.tok.eos_id,
-                        adapters=[rows[i] for i in live]) if live else []
+        outs = (
+            generate(self.base, [ids[i] for i in live], self.params, self.tok.eos_id, adapters=[rows[i] for i in live])
+            if live
+            else []
+        )
         generations = [""] * n
         for i, o in zip(live, outs):
             generations[i] = self.tok.decode(o)
         per_row = (time.perf_counter() - t0) / n
-        return {"key": np.array(keys, dtype=object), "generation": np.array(generations, dtype=object),
-                "error": np.array(errors, dtype=object), "seconds": np.full(n, per_row)}
+        return {
+            "key": np.array(keys, dtype=object),
+            "generation": np.array(generations, dtype=object),
+            "error": np.array(errors, dtype=object),
+            "seconds": np.full(n, per_row),
+        }
 
 
 def predict(cfg: TrainConfig, adapter_path: str, rows: list[dict]) -> list[dict]:
@@ -83,8 +97,9 @@ def predict(cfg: TrainConfig, adapter_path: str, rows: list[dict]) -> list[dict]
     # Rows of similar length share a batch: a left-padded batch costs its longest prompt squared
     # in attention (ScienceQA prompts run from ~50 to ~800 tokens). Results are matched by key.
     rows = sorted(rows, key=lambda r: len(r["prompt"]))
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("key", pa.string()), ("prompt", pa.string()),
-                                                         ("image", pa.binary())]))
+    table = pa.Table.from_pylist(
+        rows, schema=pa.schema([("key", pa.string()), ("prompt", pa.string()), ("image", pa.binary())])
+    )
     return map_with_actor_pool(table, Predictor, (cfg.model_dump(mode="json"), adapter_path, e.max_gen_len), e)
 
 
@@ -96,5 +111,11 @@ def map_with_actor_pool(table, predictor: type, args: tuple, e: EvalConfig) -> l
     size = max(1, e.batch_size * 4)
     ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
     resources = {"num_cpus": e.cpus_per_actor, **({"num_gpus": e.gpus_per_actor} if e.gpus_per_actor else {})}
-    return ds.map_batches(predictor, fn_constructor_args=args, batch_size=e.batch_size, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=e.actors), **resources).take_all()
+    return ds.map_batches(
+        predictor,
+        fn_constructor_args=args,
+        batch_size=e.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=e.actors),
+        **resources,
+    ).take_all()

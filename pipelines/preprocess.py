@@ -58,18 +58,20 @@ from pipelines.ray_session import connect
 from pipelines.records_reader import FIELDS, read_records
 
 GOOD_COLUMNS = ["idx", "input_ids", "labels", "num_tokens", "num_response_tokens", "truncated"]
-OUTPUT_SCHEMA = pa.schema([
-    ("idx", pa.int64()),
-    ("split", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()),
-    ("num_response_tokens", pa.int32()),
-    ("truncated", pa.bool_()),
-    ("reject_reason", pa.string()),
-    ("reject_detail", pa.string()),
-    ("raw", pa.string()),
-])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("idx", pa.int64()),
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("num_response_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
 BATCH_RECORDS = 1024
 ROWS_PER_SHARD = 8192
 HISTOGRAM_BINS = 16
@@ -138,16 +140,19 @@ class TokenizeBatch:
         pre_reason = batch.column("reject_reason").to_pylist() if "reject_reason" in names else [""] * n
         pre_detail = batch.column("reject_detail").to_pylist() if "reject_detail" in names else [""] * n
         unterminated = batch.column("unterminated").to_pylist() if "unterminated" in names else [False] * n
-        checked = [(None, pre_reason[i], pre_detail[i]) if pre_reason[i] else validate(raws[i], unterminated[i])
-                   for i in range(n)]
+        checked = [
+            (None, pre_reason[i], pre_detail[i]) if pre_reason[i] else validate(raws[i], unterminated[i])
+            for i in range(n)
+        ]
         good = [i for i, (rec, _, _) in enumerate(checked) if rec is not None]
         # One thread per Ray CPU slot: more would oversubscribe the cores Ray already shares out.
-        prompts = self.tok.encode_batch([format_prompt(checked[i][0]["instruction"], checked[i][0]["input"])
-                                         for i in good], num_threads=1)
+        prompts = self.tok.encode_batch(
+            [format_prompt(checked[i][0]["instruction"], checked[i][0]["input"]) for i in good], num_threads=1
+        )
         responses = self.tok.encode_batch([checked[i][0]["output"] for i in good], num_threads=1)
         rows = {name: [None] * n for name in OUTPUT_SCHEMA.names}
         rows["idx"] = idx
-        for i, (rec, reason, detail) in enumerate(checked):
+        for i, (_rec, reason, detail) in enumerate(checked):
             rows["reject_reason"][i], rows["reject_detail"][i] = reason, detail
             rows["raw"][i] = raws[i] if reason else None
         for i, p, r in zip(good, prompts, responses):
@@ -180,8 +185,16 @@ def tokenize_block(batch: pa.Table, **settings) -> pa.Table:
 
 # --- stats: per write task, merged on the driver ----------------------------------------------------
 def empty_partial(max_seq_len: int) -> dict:
-    return {"read": 0, "written": {"train": 0, "val": 0}, "rejected": {}, "truncated": 0, "total_tokens": 0,
-            "response_tokens": 0, "length_counts": np.zeros(max_seq_len + 1, dtype=np.int64), "cpu_seconds": 0.0}
+    return {
+        "read": 0,
+        "written": {"train": 0, "val": 0},
+        "rejected": {},
+        "truncated": 0,
+        "total_tokens": 0,
+        "response_tokens": 0,
+        "length_counts": np.zeros(max_seq_len + 1, dtype=np.int64),
+        "cpu_seconds": 0.0,
+    }
 
 
 def add_to_partial(part: dict, table: pa.Table) -> pa.Table:
@@ -233,10 +246,17 @@ def length_stats(counts: np.ndarray) -> dict:
 
     nonzero = np.nonzero(counts)[0]
     width = -(-len(counts) // HISTOGRAM_BINS)
-    hist = [int(counts[i:i + width].sum()) for i in range(0, len(counts), width)]
-    return {"mean": float((lengths * counts).sum() / n), "p50": percentile(50), "p90": percentile(90),
-            "p95": percentile(95), "p99": percentile(99), "max": int(nonzero[-1]), "min": int(nonzero[0]),
-            "histogram": {"bin_width": width, "counts": hist}}
+    hist = [int(counts[i : i + width].sum()) for i in range(0, len(counts), width)]
+    return {
+        "mean": float((lengths * counts).sum() / n),
+        "p50": percentile(50),
+        "p90": percentile(90),
+        "p95": percentile(95),
+        "p99": percentile(99),
+        "max": int(nonzero[-1]),
+        "min": int(nonzero[0]),
+        "histogram": {"bin_width": width, "counts": hist},
+    }
 
 
 class SplitSink(Datasink):
@@ -276,9 +296,18 @@ class SplitSink(Datasink):
             rejects.sort(key=lambda r: r["idx"])
             with open(self.folder / "_rejects" / f"{name}.jsonl", "w") as f:
                 for r in rejects:
-                    f.write(json.dumps({"index": r["idx"], "reason": r["reject_reason"],
-                                        "detail": r["reject_detail"], "record": r["raw"]},
-                                       ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "index": r["idx"],
+                                "reason": r["reject_reason"],
+                                "detail": r["reject_detail"],
+                                "record": r["raw"],
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
         # CPU time of this task: it pulls its blocks through the fused tokenize step.
         part["cpu_seconds"] = time.process_time() - cpu0
         return part
@@ -319,10 +348,17 @@ def fingerprint(cfg: PreprocessConfig, source: Source | Path) -> dict:
     (see data_source.source_digest for why), and `source_hashed` says which."""
     d = cfg.data
     hashed, digest = source_digest(source)
-    return {"format": FORMAT_VERSION, "source_sha256": digest, "source_hashed": hashed,
-            "tokenizer_sha256": sha256_of(Path(project_path(cfg.model.tokenizer))),
-            "max_seq_len": d.max_seq_len, "val_fraction": d.val_fraction, "seed": d.seed, "limit": d.limit,
-            "max_record_bytes": d.max_record_bytes}
+    return {
+        "format": FORMAT_VERSION,
+        "source_sha256": digest,
+        "source_hashed": hashed,
+        "tokenizer_sha256": sha256_of(Path(project_path(cfg.model.tokenizer))),
+        "max_seq_len": d.max_seq_len,
+        "val_fraction": d.val_fraction,
+        "seed": d.seed,
+        "limit": d.limit,
+        "max_record_bytes": d.max_record_bytes,
+    }
 
 
 def changed_settings(out: Path, expected: dict) -> list[str] | None:
@@ -340,8 +376,7 @@ def changed_settings(out: Path, expected: dict) -> list[str] | None:
 def check_context(cfg: PreprocessConfig) -> None:
     ctx = model_context(cfg.model)
     if cfg.data.max_seq_len > ctx:
-        raise ValueError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the model's context of "
-                         f"{ctx} tokens")
+        raise ValueError(f"data.max_seq_len {cfg.data.max_seq_len} is longer than the model's context of {ctx} tokens")
 
 
 def _source_error(e: BaseException) -> DataSourceError | None:
@@ -355,8 +390,14 @@ def _source_error(e: BaseException) -> DataSourceError | None:
     return None
 
 
-def write_records(source: Source, cfg: PreprocessConfig, tokenizer: str, folder: Path,
-                  read_tasks: int | None = None, concurrency: int | None = None) -> list[dict]:
+def write_records(
+    source: Source,
+    cfg: PreprocessConfig,
+    tokenizer: str,
+    folder: Path,
+    read_tasks: int | None = None,
+    concurrency: int | None = None,
+) -> list[dict]:
     """read -> validate + tokenize -> SplitSink into `folder`; returns the write tasks' partial stats."""
     from ray.data import DataContext
 
@@ -369,13 +410,26 @@ def write_records(source: Source, cfg: PreprocessConfig, tokenizer: str, folder:
             # "The first N" across files: files in their listed order, then records in file order
             # (set before the dataset is made: it keeps a copy of the context).
             ctx.execution_options.preserve_order = True
-        ds = read_records(source, d.max_record_bytes, d.limit, read_tasks=read_tasks,
-                          concurrency=min(concurrency, len(source.files)) if concurrency else None)
+        ds = read_records(
+            source,
+            d.max_record_bytes,
+            d.limit,
+            read_tasks=read_tasks,
+            concurrency=min(concurrency, len(source.files)) if concurrency else None,
+        )
         if first_n:
             ds = ds.limit(d.limit)
-        ds = ds.map_batches(tokenize_block, batch_format="pyarrow", batch_size=BATCH_RECORDS,
-                            fn_kwargs={"tokenizer_path": tokenizer, "max_seq_len": d.max_seq_len,
-                                       "val_fraction": d.val_fraction, "seed": d.seed})
+        ds = ds.map_batches(
+            tokenize_block,
+            batch_format="pyarrow",
+            batch_size=BATCH_RECORDS,
+            fn_kwargs={
+                "tokenizer_path": tokenizer,
+                "max_seq_len": d.max_seq_len,
+                "val_fraction": d.val_fraction,
+                "seed": d.seed,
+            },
+        )
         sink = SplitSink(folder, d.max_seq_len)
         ds.write_datasink(sink)
         return sink.partials
@@ -417,8 +471,9 @@ def run(cfg: PreprocessConfig, num_blocks: int | None = None) -> dict:
         raise DataSourceError(f"{d.source}: no records")
     rejected_on_disk = merge_rejects(tmp / "_rejects", tmp / "rejects.jsonl")
     shutil.rmtree(tmp / "_rejects")
-    written_on_disk = {split: sum(pq.read_metadata(f).num_rows for f in (tmp / split).glob("*.parquet"))
-                       for split in ("train", "val")}
+    written_on_disk = {
+        split: sum(pq.read_metadata(f).num_rows for f in (tmp / split).glob("*.parquet")) for split in ("train", "val")
+    }
     reasons = dict(sorted(total["rejected"].items()))
     stats = {
         "source": d.source,
@@ -445,19 +500,29 @@ def run(cfg: PreprocessConfig, num_blocks: int | None = None) -> dict:
     # in the tasks' own tallies must all agree.
     accounted = stats["records_written"] + stats["records_rejected"]
     stats["accounted"] = {"written_plus_rejected": accounted, "equals_read": accounted == stats["records_read"]}
-    if accounted != stats["records_read"] or written_on_disk != total["written"] \
-            or rejected_on_disk != sum(reasons.values()):
+    if (
+        accounted != stats["records_read"]
+        or written_on_disk != total["written"]
+        or rejected_on_disk != sum(reasons.values())
+    ):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"records lost: {stats['records_read']} read, {stats['records_written']} written "
-                           f"({total['written']} counted), {stats['records_rejected']} rejected "
-                           f"({sum(reasons.values())} counted)")
+        raise RuntimeError(
+            f"records lost: {stats['records_read']} read, {stats['records_written']} written "
+            f"({total['written']} counted), {stats['records_rejected']} rejected "
+            f"({sum(reasons.values())} counted)"
+        )
     if stats["records_written"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataSourceError(f"{d.source}: every one of its {stats['records_read']} records was rejected "
-                              f"({reasons}); is it the right file and format?")
+        raise DataSourceError(
+            f"{d.source}: every one of its {stats['records_read']} records was rejected "
+            f"({reasons}); is it the right file and format?"
+        )
     if d.val_fraction > 0 and stats["val_records"] == 0:
-        print(f"[preprocess] warning: no record fell into the held-out split (val_fraction {d.val_fraction} "
-              f"of {stats['records_written']} records)", flush=True)
+        print(
+            f"[preprocess] warning: no record fell into the held-out split (val_fraction {d.val_fraction} "
+            f"of {stats['records_written']} records)",
+            flush=True,
+        )
     save_config(cfg, tmp / "config.yaml")
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))  # last: marks the output complete
     replace_dir(tmp, out)
@@ -480,19 +545,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap, default="tiny-cpu")
     # A training config holds more sections than this job reads; they are left to the training job.
-    cfg = config_from_args(PreprocessConfig, ap.parse_args(argv),
-                           ignore=set(TrainConfig.model_fields) - set(PreprocessConfig.model_fields))
+    cfg = config_from_args(
+        PreprocessConfig, ap.parse_args(argv), ignore=set(TrainConfig.model_fields) - set(PreprocessConfig.model_fields)
+    )
     if cfg.task != "alpaca":
         job = "encoder_data" if cfg.task in ENCODER_TASKS else cfg.task
-        ap.error(f"this config's task is {cfg.task!r}: its data is prepared by `python -m pipelines.{job}` "
-                 "(or by pipelines.train), not by the instruction-data job")
+        ap.error(
+            f"this config's task is {cfg.task!r}: its data is prepared by `python -m pipelines.{job}` "
+            "(or by pipelines.train), not by the instruction-data job"
+        )
     connect(cfg.ray)
     out = project_path(cfg.data.out)
     print(f"[preprocess] {cfg.data.source} -> {out}", flush=True)
     stats = run(cfg)
     print(json.dumps({k: v for k, v in stats.items() if k not in ("token_length", "fingerprint")}, indent=2))
-    print(f"[preprocess] wrote {stats['records_written']} records to {out} "
-          f"({stats['records_rejected']} rejected, see {Path(out) / 'rejects.jsonl'})")
+    print(
+        f"[preprocess] wrote {stats['records_written']} records to {out} "
+        f"({stats['records_rejected']} rejected, see {Path(out) / 'rejects.jsonl'})"
+    )
     return stats
 
 

@@ -108,8 +108,14 @@ class TrainingProgress:
             from tqdm import tqdm
 
             if self.bar is None:
-                self.bar = tqdm(total=self.state["total"], initial=self.state.get("step", 0), unit="step",
-                                desc="train", file=self.stream, dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=self.state["total"],
+                    initial=self.state.get("step", 0),
+                    unit="step",
+                    desc="train",
+                    file=self.stream,
+                    dynamic_ncols=True,
+                )
             self.bar.update(self.state.get("step", 0) - self.bar.n)
             post = {k: f"{self.state[k]:.4f}" for k in ("loss", "val_loss") if k in self.state}
             if "tokens_per_s" in self.state:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -34,12 +34,19 @@ from pipelines.data_source import DataSourceError, Source
 
 FIELDS = ("instruction", "input", "output")
 FILE_SHIFT = 40
-BLOCK_RECORDS = 4096          # rows per block handed to Ray Data
-CHUNK_BYTES = 4 << 20         # bytes read at a time
-SAMPLE_BYTES = 1000           # what rejects.jsonl keeps of an oversized record
+BLOCK_RECORDS = 4096  # rows per block handed to Ray Data
+CHUNK_BYTES = 4 << 20  # bytes read at a time
+SAMPLE_BYTES = 1000  # what rejects.jsonl keeps of an oversized record
 BOM = b"\xef\xbb\xbf"
-READ_SCHEMA = pa.schema([("idx", pa.int64()), ("raw", pa.string()), ("reject_reason", pa.string()),
-                         ("reject_detail", pa.string()), ("unterminated", pa.bool_())])
+READ_SCHEMA = pa.schema(
+    [
+        ("idx", pa.int64()),
+        ("raw", pa.string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+        ("unterminated", pa.bool_()),
+    ]
+)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
@@ -187,7 +194,7 @@ def read_array(first: bytes, f, rows: _Rows, path: str) -> Iterator[pa.Table]:
             elif c in (0x7D, 0x5D) and depth > 0:
                 depth -= 1
             elif depth == 0 and c in (0x2C, 0x5D):  # the end of an element (or of the array)
-                pending.add(chunk[start:m.start()])
+                pending.add(chunk[start : m.start()])
                 start = pos
                 data = pending.data().strip()
                 if data or pending.oversize or c == 0x2C or elements_expected:
@@ -209,15 +216,16 @@ def read_array(first: bytes, f, rows: _Rows, path: str) -> Iterator[pa.Table]:
                 elements_expected = True
         pending.add(chunk[start:end])
         chunk, pos, start = f.read(CHUNK_BYTES), 0, 0
-    raise DataSourceError(f"{path} is not a valid JSON array: it ends before its closing ] "
-                          f"(after {n} elements)")
+    raise DataSourceError(f"{path} is not a valid JSON array: it ends before its closing ] (after {n} elements)")
 
 
 def _expect_only_whitespace(rest: bytes, f, path: str) -> None:
     while True:
         if rest.strip():
-            raise DataSourceError(f"{path} is not a valid JSON array: data after its closing ] "
-                                  f"(JSON Lines whose first record is an array?)")
+            raise DataSourceError(
+                f"{path} is not a valid JSON array: data after its closing ] "
+                f"(JSON Lines whose first record is an array?)"
+            )
         rest = f.read(CHUNK_BYTES)
         if not rest:
             return
@@ -231,8 +239,10 @@ def read_parquet_records(f, rows: _Rows, path: str) -> Iterator[pa.Table]:
     pf = pq.ParquetFile(f)
     cols = [c for c in FIELDS if c in pf.schema_arrow.names]
     if "instruction" not in cols and "output" not in cols:
-        raise DataSourceError(f"{path}: a parquet file of records needs columns {', '.join(FIELDS)}; "
-                              f"it has {', '.join(pf.schema_arrow.names)}")
+        raise DataSourceError(
+            f"{path}: a parquet file of records needs columns {', '.join(FIELDS)}; "
+            f"it has {', '.join(pf.schema_arrow.names)}"
+        )
     n = 0
     for batch in pf.iter_batches(batch_size=BLOCK_RECORDS, columns=cols):
         values = [batch.column(c).to_pylist() for c in cols]
@@ -275,7 +285,7 @@ class RecordsDatasource(FileBasedDatasource):
             return
         first = f.read(CHUNK_BYTES)
         if first.startswith(BOM):
-            first = first[len(BOM):]
+            first = first[len(BOM) :]
         head = first.lstrip()
         while first and not head:  # a file that starts with more whitespace than one chunk
             first = f.read(CHUNK_BYTES)
@@ -289,13 +299,22 @@ class RecordsDatasource(FileBasedDatasource):
         return "ReadRecords"
 
 
-def read_records(source: Source, max_record_bytes: int, limit: int | None = None,
-                 read_tasks: int | None = None, concurrency: int | None = None):
+def read_records(
+    source: Source,
+    max_record_bytes: int,
+    limit: int | None = None,
+    read_tasks: int | None = None,
+    concurrency: int | None = None,
+):
     """A Ray Dataset of READ_SCHEMA rows. Read tasks take no CPU slot: splitting bytes is a few per
     cent of the work, and a read task (a streaming generator, alive until its file ends) then never
     holds the slot that the tokenizer tasks consuming its blocks need (on a 1-CPU cluster, the only
     one). `concurrency` caps how many read at once."""
     import ray
 
-    return ray.data.read_datasource(RecordsDatasource(source, max_record_bytes, limit), num_cpus=0,
-                                    concurrency=concurrency, override_num_blocks=read_tasks)
+    return ray.data.read_datasource(
+        RecordsDatasource(source, max_record_bytes, limit),
+        num_cpus=0,
+        concurrency=concurrency,
+        override_num_blocks=read_tasks,
+    )

@@ -51,6 +51,6 @@ def side_by_side(run_dir: Path, width: int = 60) -> str:
     lines = []
     for instr in before:
         lines.append(f"### {instr}")
-        lines.append(f"  before (step {first}): {before[instr][:width * 2]!r}")
-        lines.append(f"  after  (step {last}): {after.get(instr, '')[:width * 2]!r}")
+        lines.append(f"  before (step {first}): {before[instr][: width * 2]!r}")
+        lines.append(f"  after  (step {last}): {after.get(instr, '')[: width * 2]!r}")
     return "\n".join(lines)

@@ -23,8 +23,17 @@ import pyarrow as pa
 from adapter.settings import add_config_args, config_from_args, project_path
 from adapter.tokenizer import Tokenizer
 from pipelines.config import TrainConfig
-from pipelines.multimodal_data import (FORMAT_VERSION, OUTPUT_SCHEMA, from_rows, listing_digest, new_rows, read_image, set_record,
-                                       sha256_file, write_output)
+from pipelines.multimodal_data import (
+    FORMAT_VERSION,
+    OUTPUT_SCHEMA,
+    from_rows,
+    listing_digest,
+    new_rows,
+    read_image,
+    set_record,
+    sha256_file,
+    write_output,
+)
 
 LETTERS = "ABCDE"
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
@@ -34,7 +43,7 @@ ANSWER = re.compile(r"the answer is\s*\(?\s*([a-z])\s*\)?(?![a-z])", re.IGNORECA
 
 # --- the problem as text -------------------------------------------------------------------------
 def check_problem(p) -> str:
-    """"" for a usable problem, else what is wrong with it."""
+    """ "" for a usable problem, else what is wrong with it."""
     if not isinstance(p, dict):
         return f"not an object ({type(p).__name__})"
     if not isinstance(p.get("question"), str) or not p["question"].strip():
@@ -101,9 +110,17 @@ def markdown_table(acc: dict, label: str) -> str:
     cols = (*CLASSES, "Avg")
     cells = [f"{acc[c]['accuracy']:.2f}" if acc[c]["accuracy"] is not None else "n/a" for c in cols]
     counts = [str(acc[c]["total"]) for c in cols]
-    return "\n".join(["| Method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
-                      f"| {label} | " + " | ".join(cells) + " |",
-                      "| (problems) | " + " | ".join(counts) + " |"]) + "\n"
+    return (
+        "\n".join(
+            [
+                "| Method | " + " | ".join(cols) + " |",
+                "|---" * (len(cols) + 1) + "|",
+                f"| {label} | " + " | ".join(cells) + " |",
+                "| (problems) | " + " | ".join(counts) + " |",
+            ]
+        )
+        + "\n"
+    )
 
 
 # --- the official layout ---------------------------------------------------------------------------
@@ -124,8 +141,9 @@ def image_file(images_root: Path, split: str, pid: str, problem) -> str | None:
 
 
 def images_root(cfg: TrainConfig) -> Path:
-    return Path(project_path(cfg.scienceqa.images) if cfg.scienceqa.images else
-                Path(project_path(cfg.data.source)) / "images")
+    return Path(
+        project_path(cfg.scienceqa.images) if cfg.scienceqa.images else Path(project_path(cfg.data.source)) / "images"
+    )
 
 
 def input_rows(cfg: TrainConfig) -> list[dict]:
@@ -135,8 +153,15 @@ def input_rows(cfg: TrainConfig) -> list[dict]:
         pids, problems = load_split(source, split, cfg.data.limit)
         for pid in pids:
             p = problems.get(pid)
-            rows.append({"idx": len(rows), "key": pid, "split": split, "problem": json.dumps(p),
-                         "image_path": image_file(root, split, pid, p)})
+            rows.append(
+                {
+                    "idx": len(rows),
+                    "key": pid,
+                    "split": split,
+                    "problem": json.dumps(p),
+                    "image_path": image_file(root, split, pid, p),
+                }
+            )
     return rows
 
 
@@ -150,9 +175,13 @@ class EncodeProblems:
         n = batch.num_rows
         rows = new_rows(n)
         rows["idx"], rows["key"] = batch.column("idx").to_pylist(), batch.column("key").to_pylist()
-        for i, (split, raw, path) in enumerate(zip(batch.column("split").to_pylist(),
-                                                   batch.column("problem").to_pylist(),
-                                                   batch.column("image_path").to_pylist())):
+        for i, (split, raw, path) in enumerate(
+            zip(
+                batch.column("split").to_pylist(),
+                batch.column("problem").to_pylist(),
+                batch.column("image_path").to_pylist(),
+            )
+        ):
             p = json.loads(raw)
             bad = "missing from problems.json" if p is None else check_problem(p)
             if bad:
@@ -169,12 +198,17 @@ class EncodeProblems:
 def fingerprint(cfg: TrainConfig) -> dict:
     source = Path(project_path(cfg.data.source))
     paths = [Path(r["image_path"]) for r in input_rows(cfg) if r["image_path"]]
-    return {"format": FORMAT_VERSION, "task": "scienceqa",
-            "problems_sha256": sha256_file(source / "problems.json"),
-            "splits_sha256": sha256_file(source / "pid_splits.json"),
-            "images": listing_digest(paths), "missing_image": cfg.scienceqa.missing_image,
-            "tokenizer_sha256": sha256_file(Path(project_path(cfg.model.tokenizer))),
-            "max_seq_len": cfg.data.max_seq_len, "limit": cfg.data.limit}
+    return {
+        "format": FORMAT_VERSION,
+        "task": "scienceqa",
+        "problems_sha256": sha256_file(source / "problems.json"),
+        "splits_sha256": sha256_file(source / "pid_splits.json"),
+        "images": listing_digest(paths),
+        "missing_image": cfg.scienceqa.missing_image,
+        "tokenizer_sha256": sha256_file(Path(project_path(cfg.model.tokenizer))),
+        "max_seq_len": cfg.data.max_seq_len,
+        "limit": cfg.data.limit,
+    }
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -185,14 +219,26 @@ def run(cfg: TrainConfig) -> dict:
     rows = input_rows(cfg)
     if not rows:
         raise ValueError(f"{cfg.data.source}: no ScienceQA problems in the train / val splits")
-    processed = from_rows(rows).map_batches(
-        EncodeProblems, fn_constructor_args=(project_path(cfg.model.tokenizer), cfg.data.max_seq_len,
-                                             cfg.scienceqa.missing_image),
-        batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-    ).materialize()
+    processed = (
+        from_rows(rows)
+        .map_batches(
+            EncodeProblems,
+            fn_constructor_args=(project_path(cfg.model.tokenizer), cfg.data.max_seq_len, cfg.scienceqa.missing_image),
+            batch_format="pyarrow",
+            batch_size=256,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+        )
+        .materialize()
+    )
     with_image = sum(1 for r in rows if r["image_path"])
-    return write_output(processed, Path(project_path(cfg.data.out)), cfg, fingerprint(cfg),
-                        {"task": "scienceqa", "source": cfg.data.source, "problems_with_image": with_image}, t0)
+    return write_output(
+        processed,
+        Path(project_path(cfg.data.out)),
+        cfg,
+        fingerprint(cfg),
+        {"task": "scienceqa", "source": cfg.data.source, "problems_with_image": with_image},
+        t0,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

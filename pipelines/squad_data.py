@@ -18,7 +18,8 @@ the context. Functions here take and return plain Python / numpy: Ray Data jobs 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +30,12 @@ PASSED_TOKENIZER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 # --- reading the official JSON -------------------------------------------------------------------
 def _reject(reason: str, detail: str, qid: Any = None, title: Any = None) -> Reject:
-    return {"id": qid if isinstance(qid, str) else None, "title": title if isinstance(title, str) else None,
-            "reason": reason, "detail": detail}
+    return {
+        "id": qid if isinstance(qid, str) else None,
+        "title": title if isinstance(title, str) else None,
+        "reason": reason,
+        "detail": detail,
+    }
 
 
 def _check_answers(answers: Any, context: str, field: str) -> tuple[list[str], list[int], str, str]:
@@ -51,11 +56,19 @@ def _check_answers(answers: Any, context: str, field: str) -> tuple[list[str], l
         if isinstance(start, bool) or not isinstance(start, int):
             return [], [], "missing_field", f"{field}[{n}].answer_start is {type(start).__name__}, not an int"
         if not 0 <= start <= len(context) - len(text):
-            return [], [], "answer_start_out_of_range", (
-                f"{field}[{n}]: {len(text)} characters at {start} do not fit a {len(context)}-character context")
-        if context[start:start + len(text)] != text:
-            return [], [], "answer_text_mismatch", (
-                f"{field}[{n}]: context at {start} reads {context[start:start + len(text)]!r}, not {text!r}")
+            return (
+                [],
+                [],
+                "answer_start_out_of_range",
+                (f"{field}[{n}]: {len(text)} characters at {start} do not fit a {len(context)}-character context"),
+            )
+        if context[start : start + len(text)] != text:
+            return (
+                [],
+                [],
+                "answer_text_mismatch",
+                (f"{field}[{n}]: context at {start} reads {context[start : start + len(text)]!r}, not {text!r}"),
+            )
         texts.append(text)
         starts.append(start)
     return texts, starts, "", ""
@@ -86,8 +99,9 @@ def _read_question(qa: Any, context: str, title: Any, seen: set[str]) -> tuple[E
     if reason:
         return None, _reject(reason, detail, qid, title)
     if impossible and texts:
-        return None, _reject("impossible_with_answers", f"is_impossible is true but {len(texts)} answers are given",
-                             qid, title)
+        return None, _reject(
+            "impossible_with_answers", f"is_impossible is true but {len(texts)} answers are given", qid, title
+        )
     if not impossible and not texts:
         return None, _reject("no_answers", "an answerable question without answers", qid, title)
     plausible: list[str] = []
@@ -95,8 +109,16 @@ def _read_question(qa: Any, context: str, title: Any, seen: set[str]) -> tuple[E
         plausible, _, reason, detail = _check_answers(qa["plausible_answers"], context, "plausible_answers")
         if reason:
             return None, _reject(reason, detail, qid, title)
-    return {"id": qid, "title": title if isinstance(title, str) else "", "question": question, "context": context,
-            "answers": texts, "answer_starts": starts, "is_impossible": impossible, "plausible_answers": plausible}, None
+    return {
+        "id": qid,
+        "title": title if isinstance(title, str) else "",
+        "question": question,
+        "context": context,
+        "answers": texts,
+        "answer_starts": starts,
+        "is_impossible": impossible,
+        "plausible_answers": plausible,
+    }, None
 
 
 def read_squad(dataset: Mapping | list) -> tuple[list[Example], list[Reject]]:
@@ -112,7 +134,7 @@ def read_squad(dataset: Mapping | list) -> tuple[list[Example], list[Reject]]:
     rejects: list[Reject] = []
     articles = dataset.get("data") if isinstance(dataset, Mapping) else dataset
     if not isinstance(articles, list):
-        return [], [_reject("missing_field", "no \"data\" list")]
+        return [], [_reject("missing_field", 'no "data" list')]
     seen: set[str] = set()
     for a, article in enumerate(articles):
         paragraphs = article.get("paragraphs") if isinstance(article, Mapping) else None
@@ -129,8 +151,14 @@ def read_squad(dataset: Mapping | list) -> tuple[list[Example], list[Reject]]:
             if not isinstance(context, str) or not context.strip():
                 for qa in qas:
                     qid = qa.get("id") if isinstance(qa, Mapping) else None
-                    rejects.append(_reject("missing_context", f"data[{a}].paragraphs[{p}].context missing, empty or "
-                                           "not a string", qid, title))
+                    rejects.append(
+                        _reject(
+                            "missing_context",
+                            f"data[{a}].paragraphs[{p}].context missing, empty or not a string",
+                            qid,
+                            title,
+                        )
+                    )
                 continue
             for qa in qas:
                 example, reject = _read_question(qa, context, title, seen)
@@ -195,9 +223,16 @@ def _windows(rows: list[Example], tokenizer, max_len: int, doc_stride: int):
     if tokenizer.padding_side != "right":
         raise ValueError("question first, context second: the tokenizer must pad on the right")
     # run_qa.py strips the question's leading whitespace: some questions have a lot, and it would eat the window
-    return tokenizer([str(r["question"]).lstrip() for r in rows], [r["context"] for r in rows],
-                     truncation="only_second", max_length=max_len, stride=doc_stride,
-                     return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    return tokenizer(
+        [str(r["question"]).lstrip() for r in rows],
+        [r["context"] for r in rows],
+        truncation="only_second",
+        max_length=max_len,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length",
+    )
 
 
 def _columns(encoded) -> dict[str, Any]:
@@ -211,8 +246,9 @@ def _context_range(sequence_ids: list[int | None]) -> tuple[int, int]:
     return first, last
 
 
-def answer_token_span(offsets: Sequence[Sequence[int]], sequence_ids: list[int | None], start_char: int,
-                      end_char: int) -> tuple[int, int] | None:
+def answer_token_span(
+    offsets: Sequence[Sequence[int]], sequence_ids: list[int | None], start_char: int, end_char: int
+) -> tuple[int, int] | None:
     """Token indices (start, end) of the characters start_char..end_char of the context in one
     window, or None when the window does not hold all of them.
 
@@ -231,16 +267,22 @@ def answer_token_span(offsets: Sequence[Sequence[int]], sequence_ids: list[int |
     return start, end
 
 
-def features_for_training(examples: Sequence[Example] | Mapping[str, Sequence], tokenizer, max_len: int,
-                          doc_stride: int) -> dict[str, Any]:
+def features_for_training(
+    examples: Sequence[Example] | Mapping[str, Sequence], tokenizer, max_len: int, doc_stride: int
+) -> dict[str, Any]:
     """Training windows: input_ids, attention_mask (and token_type_ids when the tokenizer makes
     them) as int64 arrays [windows, max_len], start_positions / end_positions [windows], and
     example_id (list) naming each window's question. Windows without the whole first gold answer,
     and every window of an unanswerable question, point both labels at the CLS token."""
     rows = _rows(examples)
     if not rows:
-        return {"input_ids": np.zeros((0, max_len), np.int64), "attention_mask": np.zeros((0, max_len), np.int64),
-                "start_positions": np.zeros(0, np.int64), "end_positions": np.zeros(0, np.int64), "example_id": []}
+        return {
+            "input_ids": np.zeros((0, max_len), np.int64),
+            "attention_mask": np.zeros((0, max_len), np.int64),
+            "start_positions": np.zeros(0, np.int64),
+            "end_positions": np.zeros(0, np.int64),
+            "example_id": [],
+        }
     encoded = _windows(rows, tokenizer, max_len, doc_stride)
     starts, ends, example_ids = [], [], []
     for i, offsets in enumerate(encoded["offset_mapping"]):
@@ -260,19 +302,28 @@ def features_for_training(examples: Sequence[Example] | Mapping[str, Sequence], 
         starts.append(start)
         ends.append(end)
         example_ids.append(row["id"])
-    return {**_columns(encoded), "start_positions": np.asarray(starts, np.int64),
-            "end_positions": np.asarray(ends, np.int64), "example_id": example_ids}
+    return {
+        **_columns(encoded),
+        "start_positions": np.asarray(starts, np.int64),
+        "end_positions": np.asarray(ends, np.int64),
+        "example_id": example_ids,
+    }
 
 
-def features_for_eval(examples: Sequence[Example] | Mapping[str, Sequence], tokenizer, max_len: int,
-                      doc_stride: int) -> dict[str, Any]:
+def features_for_eval(
+    examples: Sequence[Example] | Mapping[str, Sequence], tokenizer, max_len: int, doc_stride: int
+) -> dict[str, Any]:
     """Evaluation windows: the same token columns as training (the same windows, in the same
     order), example_id per window, and offset_mapping per window: (start, end) character offsets
     into the context for context tokens, None for question, special and padding tokens."""
     rows = _rows(examples)
     if not rows:
-        return {"input_ids": np.zeros((0, max_len), np.int64), "attention_mask": np.zeros((0, max_len), np.int64),
-                "example_id": [], "offset_mapping": []}
+        return {
+            "input_ids": np.zeros((0, max_len), np.int64),
+            "attention_mask": np.zeros((0, max_len), np.int64),
+            "example_id": [],
+            "offset_mapping": [],
+        }
     encoded = _windows(rows, tokenizer, max_len, doc_stride)
     example_ids, offset_mapping = [], []
     for i, offsets in enumerate(encoded["offset_mapping"]):
@@ -283,9 +334,16 @@ def features_for_eval(examples: Sequence[Example] | Mapping[str, Sequence], toke
 
 
 # --- logits back to text -------------------------------------------------------------------------
-def best_answers(examples: Sequence[Example] | Mapping[str, Sequence], features: Mapping[str, Any],
-                 start_logits: np.ndarray, end_logits: np.ndarray, n_best: int = 20, max_answer_len: int = 30,
-                 null_threshold: float = 0.0, version_2: bool = False) -> dict[str, str]:
+def best_answers(
+    examples: Sequence[Example] | Mapping[str, Sequence],
+    features: Mapping[str, Any],
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    n_best: int = 20,
+    max_answer_len: int = 30,
+    null_threshold: float = 0.0,
+    version_2: bool = False,
+) -> dict[str, str]:
     """{question id: answer text} from per-window logits [windows, max_len] (rows in the order of
     `features_for_eval`), as run_qa.py's post-processing chooses it.
 
@@ -325,5 +383,5 @@ def best_answers(examples: Sequence[Example] | Mapping[str, Sequence], features:
         elif version_2 and null_score - best_score > null_threshold:
             answers[row["id"]] = ""
         else:
-            answers[row["id"]] = row["context"][best_offsets[0]:best_offsets[1]]
+            answers[row["id"]] = row["context"][best_offsets[0] : best_offsets[1]]
     return answers

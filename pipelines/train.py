@@ -31,19 +31,25 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     d, m = cfg.data, cfg.model
     multimodal = {}
     if m is not None:
-        multimodal["model"] = m.model_copy(update={"base": project_path(m.base), "tokenizer": project_path(m.tokenizer)})
+        multimodal["model"] = m.model_copy(
+            update={"base": project_path(m.base), "tokenizer": project_path(m.tokenizer)}
+        )
     if cfg.encoder is not None:
-        multimodal["encoder"] = cfg.encoder.model_copy(update={"weights": project_path(cfg.encoder.weights),
-                                                               "eval_source": project_path(cfg.encoder.eval_source)})
+        multimodal["encoder"] = cfg.encoder.model_copy(
+            update={"weights": project_path(cfg.encoder.weights), "eval_source": project_path(cfg.encoder.eval_source)}
+        )
     if cfg.vision is not None:
         multimodal["vision"] = cfg.vision.model_copy(update={"encoder": project_path(cfg.vision.encoder)})
     if cfg.scienceqa.images:
         multimodal["scienceqa"] = cfg.scienceqa.model_copy(update={"images": project_path(cfg.scienceqa.images)})
-    return cfg.model_copy(update={**multimodal,
-        "output_dir": project_path(cfg.output_dir),
-        "data": d.model_copy(update={"source": project_path(d.source), "out": project_path(d.out)}),
-        "checkpoint": cfg.checkpoint.model_copy(update={"resume_from": project_path(cfg.checkpoint.resume_from)}),
-    })
+    return cfg.model_copy(
+        update={
+            **multimodal,
+            "output_dir": project_path(cfg.output_dir),
+            "data": d.model_copy(update={"source": project_path(d.source), "out": project_path(d.out)}),
+            "checkpoint": cfg.checkpoint.model_copy(update={"resume_from": project_path(cfg.checkpoint.resume_from)}),
+        }
+    )
 
 
 def prepare_data(cfg: TrainConfig) -> dict:
@@ -59,8 +65,9 @@ def prepare_data(cfg: TrainConfig) -> dict:
         expected = preprocess.fingerprint(pp, fetch(cfg.data.source, cfg.data.sha256))
         build = lambda: preprocess.run(pp)  # noqa: E731
     else:
-        job = {"scienceqa": scienceqa, "coco": coco, "image-classification": encoder_data,
-               "squad": encoder_data}[cfg.task]
+        job = {"scienceqa": scienceqa, "coco": coco, "image-classification": encoder_data, "squad": encoder_data}[
+            cfg.task
+        ]
         expected = job.fingerprint(cfg)
         build = lambda: job.run(cfg)  # noqa: E731
     out = Path(cfg.data.out)
@@ -72,10 +79,12 @@ def prepare_data(cfg: TrainConfig) -> dict:
         why = f"it was built with other settings ({'; '.join(changed)})" if changed else "none found"
         print(f"[train] preprocessing {what}{cfg.data.source} -> {out} ({why})", flush=True)
         stats = build()
-        print(f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
-              f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
-              f"{stats['records_rejected']:,} rejected {stats['rejected_by_reason']}, {stats['seconds']} s",
-              flush=True)
+        print(
+            f"[train] preprocessed: {stats['records_read']:,} read, {stats['records_written']:,} written "
+            f"({stats['train_records']:,} train / {stats['val_records']:,} held out), "
+            f"{stats['records_rejected']:,} rejected {stats['rejected_by_reason']}, {stats['seconds']} s",
+            flush=True,
+        )
     return json.loads((out / "stats.json").read_text())
 
 
@@ -98,20 +107,25 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, data_fingerprint: dict):
     datasets = {split: ray.data.read_parquet(str(data_dir / split)).materialize() for split in ("train", "val")}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-                           "data_fingerprint": data_fingerprint},
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "data_fingerprint": data_fingerprint,
+        },
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ray.train.ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker=resources
+        ),
         datasets=datasets,
         # Same rows in the same order on every run: resume depends on it.
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(run_dir / "ray"),
+            name=cfg.name,
+            storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min"),
+                num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
         ),
     )
 
@@ -125,24 +139,38 @@ def export_adapter(checkpoint_dir: Path, run_dir: Path, cfg: TrainConfig, summar
     shutil.copy2(checkpoint_dir / ADAPTER_FILENAME, tmp / ADAPTER_FILENAME)
     meta = read_metadata(tmp / ADAPTER_FILENAME)
     (tmp / "adapter_config.json").write_text(json.dumps(meta["adapter_config"], indent=2))
-    (tmp / "training.json").write_text(json.dumps(
-        {"base": cfg.model.base, "preset": cfg.model.preset, "tokenizer": cfg.model.tokenizer,
-         "base_shape": meta["base_shape"], "recipe": cfg.optim.recipe,
-         # Multimodal: what the prompt looks like and which image encoder folder the adapter was trained with.
-         "task": cfg.task, "vision": cfg.vision.model_dump(mode="json") if cfg.vision else None, **summary}, indent=2))
+    (tmp / "training.json").write_text(
+        json.dumps(
+            {
+                "base": cfg.model.base,
+                "preset": cfg.model.preset,
+                "tokenizer": cfg.model.tokenizer,
+                "base_shape": meta["base_shape"],
+                "recipe": cfg.optim.recipe,
+                # Multimodal: what the prompt looks like and which image encoder folder the adapter was trained with.
+                "task": cfg.task,
+                "vision": cfg.vision.model_dump(mode="json") if cfg.vision else None,
+                **summary,
+            },
+            indent=2,
+        )
+    )
     return replace_dir(tmp, out)
 
 
 def export_encoder_adapter(checkpoint_dir: Path, run_dir: Path, cfg: TrainConfig, summary: dict) -> Path:
     """The ViT / RoBERTa adapter file (METHOD.md section 8) with its training metadata."""
-    from adapter.encoder_adapter import ADAPTER_FILENAME
+    from adapter.backbones.adapted import ADAPTER_FILENAME
 
     out = run_dir / ADAPTER_DIR
     tmp = fresh_tmp(out)
     shutil.copy2(checkpoint_dir / ADAPTER_FILENAME, tmp / ADAPTER_FILENAME)
-    (tmp / "training.json").write_text(json.dumps(
-        {"task": cfg.task, "encoder": cfg.encoder.model_dump(mode="json"), "recipe": cfg.optim.recipe, **summary},
-        indent=2))
+    (tmp / "training.json").write_text(
+        json.dumps(
+            {"task": cfg.task, "encoder": cfg.encoder.model_dump(mode="json"), "recipe": cfg.optim.recipe, **summary},
+            indent=2,
+        )
+    )
     return replace_dir(tmp, out)
 
 
@@ -168,15 +196,22 @@ def run(cfg: TrainConfig) -> dict:
     summary["final_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else None
     summary["best_checkpoint"] = best.path if best else None
-    summary["best_val_loss"] = min((m.get("val_loss", float("inf")) for _, m in result.best_checkpoints),
-                                   default=None)
+    summary["best_val_loss"] = min((m.get("val_loss", float("inf")) for _, m in result.best_checkpoints), default=None)
     with result.checkpoint.as_directory() as d:
         export = export_encoder_adapter if cfg.task in ENCODER_TASKS else export_adapter
         adapter_dir = export(Path(d), run_dir, cfg, summary)
     plot = plot_loss(run_dir)
-    summary.update({"run_dir": str(run_dir), "adapter": str(adapter_dir), "loss_plot": str(plot) if plot else None,
-                    "metrics": str(run_dir / "metrics.jsonl"), "samples": str(run_dir / "samples.jsonl"),
-                    "tensorboard": str(run_dir / "tensorboard"), "wall_s": round(time.time() - t0, 1)})
+    summary.update(
+        {
+            "run_dir": str(run_dir),
+            "adapter": str(adapter_dir),
+            "loss_plot": str(plot) if plot else None,
+            "metrics": str(run_dir / "metrics.jsonl"),
+            "samples": str(run_dir / "samples.jsonl"),
+            "tensorboard": str(run_dir / "tensorboard"),
+            "wall_s": round(time.time() - t0, 1),
+        }
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -199,8 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("  evaluate:    python -m pipelines.evaluate_encoder --config <this config> (top-1, or SQuAD EM / F1)")
         return summary
     print(f"  samples:     {summary['samples']}")
-    print(f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
-          f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'")
+    print(
+        f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
+        f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'"
+    )
     return summary
 
 

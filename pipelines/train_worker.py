@@ -30,11 +30,11 @@ import torch
 
 from adapter.adapter import AdaptedLlama, AdaptionPrompts
 from adapter.adapter_file import ADAPTER_FILENAME, AdapterFileError, load_adapter, save_adapter
+from adapter.decoding import generate, prefixes_for
 from adapter.flops import peak_flops_per_device, training_flops_per_token
-from adapter.generation import generate, prefixes_for
+from adapter.image_encoder import ImageEncoder, features_for
 from adapter.loader import load_model
 from adapter.prompts import format_prompt
-from adapter.vision import ImageEncoder, features_for
 from pipelines.batching import collate, epoch_order
 from pipelines.config import ENCODER_TASKS, SamplesConfig, TrainConfig
 from pipelines.data_source import sha256_of
@@ -67,8 +67,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, n_trainable: int) -> dic
         "gradient_clipping": o.grad_clip,
         # Precision is ours: frozen weights already bf16 on GPU, adapter fp32. DeepSpeed's bf16
         # mode would cast the adapter to bf16 too.
-        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False,
-                              "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
+        "zero_optimization": {
+            "stage": 2,
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -117,8 +122,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def write_manifest(folder: Path, rank: int) -> None:
     """Sizes and hashes of the DeepSpeed files this rank wrote: a truncated shard is caught before
     DeepSpeed tries to unpickle it."""
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
     (folder / f"manifest-rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}))
 
 
@@ -137,18 +145,23 @@ def read_trainer_state(folder: Path, settings: dict, adapter_file: str = ADAPTER
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{state_path} is corrupt (missing or bad field {e})") from None
     if saved.get("world_size") != settings["world_size"]:
-        raise CheckpointError(f"{folder}: saved by {saved.get('world_size')} workers; this run has "
-                              f"{settings['world_size']} (ZeRO optimizer partitions are per rank)")
+        raise CheckpointError(
+            f"{folder}: saved by {saved.get('world_size')} workers; this run has "
+            f"{settings['world_size']} (ZeRO optimizer partitions are per rank)"
+        )
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
     if changed:
-        raise CheckpointError(f"{folder}: saved with other settings, so the data position and learning rate "
-                              f"would be wrong ({'; '.join(changed)}); resume with the same settings or start "
-                              "a new run (--set name=NEW)")
+        raise CheckpointError(
+            f"{folder}: saved with other settings, so the data position and learning rate "
+            f"would be wrong ({'; '.join(changed)}); resume with the same settings or start "
+            "a new run (--set name=NEW)"
+        )
     ds_dir = folder / DS_DIR
     manifests = sorted(ds_dir.glob("manifest-rank*.json"))
     if len(manifests) != settings["world_size"]:
-        raise CheckpointError(f"{folder}: {len(manifests)} of {settings['world_size']} ranks' DeepSpeed manifests "
-                              f"present in {ds_dir}")
+        raise CheckpointError(
+            f"{folder}: {len(manifests)} of {settings['world_size']} ranks' DeepSpeed manifests present in {ds_dir}"
+        )
     for m in manifests:
         try:
             files = json.loads(m.read_text())["files"]
@@ -159,8 +172,9 @@ def read_trainer_state(folder: Path, settings: dict, adapter_file: str = ADAPTER
             if not p.is_file():
                 raise CheckpointError(f"{folder}: {rel} is missing")
             if p.stat().st_size != want["bytes"] or sha256_of(p) != want["sha256"]:
-                raise CheckpointError(f"{folder}: {rel} is truncated or corrupt ({p.stat().st_size} bytes, "
-                                      f"{want['bytes']} written)")
+                raise CheckpointError(
+                    f"{folder}: {rel} is truncated or corrupt ({p.stat().st_size} bytes, {want['bytes']} written)"
+                )
     if not (ds_dir / tag).is_dir():
         raise CheckpointError(f"{folder}: no DeepSpeed state for tag {tag}")
     if not (folder / adapter_file).is_file():
@@ -208,6 +222,7 @@ class MetricsLog:
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def add(self, row: dict, flush: bool = False) -> None:
@@ -309,28 +324,41 @@ class AdapterRecipe:
         cfg, o = self.cfg, self.cfg.optim
         self.steps_per_epoch = len(self.lengths) // o.micro_batch_size // o.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"worker {self.rank} has {len(self.lengths)} training records: not one step of "
-                             f"{o.micro_batch_size} x {o.grad_accum_steps}")
+            raise ValueError(
+                f"worker {self.rank} has {len(self.lengths)} training records: not one step of "
+                f"{o.micro_batch_size} x {o.grad_accum_steps}"
+            )
         self.total_steps = int(round(o.epochs * self.steps_per_epoch))
         self.stop_at = min(self.total_steps, cfg.stop_at_step or self.total_steps)
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
         self.lr = o.peak_lr(self.world)
         trainable = [p for p in self.prompts.parameters() if p.requires_grad]  # a gate fixed at 1 is not
-        opt = torch.optim.AdamW(trainable, lr=self.lr, betas=tuple(o.betas),
-                                weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(trainable, lr=self.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_at(s, self.total_steps, warmup, self.lr, o.min_lr) / self.lr)
+            opt, lambda s: lr_at(s, self.total_steps, warmup, self.lr, o.min_lr) / self.lr
+        )
         n_trainable = sum(p.numel() for p in trainable)
         with self.timer("deepspeed_init"):
             # Only the adapter goes in: DeepSpeed would otherwise broadcast the frozen base.
             self.engine, _, _, self.sched = deepspeed.initialize(
-                model=self.prompts, optimizer=opt, lr_scheduler=sched,
-                config=deepspeed_config(cfg, self.world, n_trainable), dist_init_required=False)
+                model=self.prompts,
+                optimizer=opt,
+                lr_scheduler=sched,
+                config=deepspeed_config(cfg, self.world, n_trainable),
+                dist_init_required=False,
+            )
         # The settings a checkpoint must share with the run that resumes from it.
         self.settings = {
-            "world_size": self.world, "micro_batch_size": o.micro_batch_size, "grad_accum_steps": o.grad_accum_steps,
-            "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "seed": o.seed, "group_by_length": o.group_by_length,
-            "peak_lr": self.lr, "min_lr": o.min_lr, "data_fingerprint": self.data_fingerprint,
+            "world_size": self.world,
+            "micro_batch_size": o.micro_batch_size,
+            "grad_accum_steps": o.grad_accum_steps,
+            "epochs": o.epochs,
+            "warmup_epochs": o.warmup_epochs,
+            "seed": o.seed,
+            "group_by_length": o.group_by_length,
+            "peak_lr": self.lr,
+            "min_lr": o.min_lr,
+            "data_fingerprint": self.data_fingerprint,
             **self.adapter_settings(),
         }
         peak = self.device_peak_flops()
@@ -350,8 +378,13 @@ class AdapterRecipe:
             return
         with self.timer("resume"), ckpt.as_directory() as d:
             state = read_trainer_state(Path(d), self.settings, self.ADAPTER_FILE)
-            self.engine.load_checkpoint(str(Path(d) / DS_DIR), tag=state["ds_tag"], load_module_strict=True,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            self.engine.load_checkpoint(
+                str(Path(d) / DS_DIR),
+                tag=state["ds_tag"],
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
             try:
                 saved = self.read_adapter(Path(d))
             except AdapterFileError as e:
@@ -367,7 +400,9 @@ class AdapterRecipe:
         return load_adapter(folder / self.ADAPTER_FILE, self.base.args, device=self.device).state_dict()
 
     def write_adapter(self, folder: Path) -> None:
-        save_adapter(self.prompts, self.base.args, folder / self.ADAPTER_FILE, extra={"step": self.step, "task": self.cfg.task})
+        save_adapter(
+            self.prompts, self.base.args, folder / self.ADAPTER_FILE, extra={"step": self.step, "task": self.cfg.task}
+        )
 
     # --- images (multimodal runs) ---------------------------------------------------------------
     def encode_images(self, split: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -375,7 +410,7 @@ class AdapterRecipe:
         if self.encoder is None:
             return None
         images = split.get("image") or [None] * len(split["input_ids"])
-        parts = [features_for(self.encoder, images[i:i + 64], device="cpu") for i in range(0, len(images), 64)]
+        parts = [features_for(self.encoder, images[i : i + 64], device="cpu") for i in range(0, len(images), 64)]
         if not parts:
             return torch.zeros(0, self.encoder.out_features), torch.zeros(0, dtype=torch.bool)
         return torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
@@ -394,14 +429,16 @@ class AdapterRecipe:
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)
             mb = self.cfg.optim.micro_batch_size
             for i in range(0, len(self.val["input_ids"]), mb):
-                ids, lab = collate(self.val["input_ids"][i:i + mb], self.val["labels"][i:i + mb])
+                ids, lab = collate(self.val["input_ids"][i : i + mb], self.val["labels"][i : i + mb])
                 images = self.image_inputs(self.val_images, slice(i, i + mb))
                 loss, n = self.model.loss(self.to_device(ids), self.to_device(lab), **images)
                 sums += torch.stack([loss.double() * n, n.double()])
             total_loss, total_n = all_reduce_sum(sums).tolist()
             self.val_loss = total_loss / total_n if total_n else float("nan")
-        self.log.add({"kind": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                      "val_loss": self.val_loss}, flush=True)
+        self.log.add(
+            {"kind": "val", "step": self.step, "epoch": self.step / self.steps_per_epoch, "val_loss": self.val_loss},
+            flush=True,
+        )
         return self.val_loss
 
     @torch.no_grad()
@@ -415,10 +452,19 @@ class AdapterRecipe:
             raw = self.cfg.task == "scienceqa"
             prompts = [self.tok.encode(i if raw else format_prompt(i)) for i in s.instructions]
             pre = prefixes_for(self.base, self.prompts)
-            outs = generate(self.base, prompts, s.sampling, self.tok.eos_id, adapters=[pre] * len(prompts),
-                            generator=torch.Generator(device=self.device).manual_seed(0))
-        self.log.samples(self.step, self.step / self.steps_per_epoch,
-                         [{"instruction": i, "response": self.tok.decode(o)} for i, o in zip(s.instructions, outs)])
+            outs = generate(
+                self.base,
+                prompts,
+                s.sampling,
+                self.tok.eos_id,
+                adapters=[pre] * len(prompts),
+                generator=torch.Generator(device=self.device).manual_seed(0),
+            )
+        self.log.samples(
+            self.step,
+            self.step / self.steps_per_epoch,
+            [{"instruction": i, "response": self.tok.decode(o)} for i, o in zip(s.instructions, outs)],
+        )
 
     def save(self, metrics: dict) -> None:
         import ray.train
@@ -432,10 +478,13 @@ class AdapterRecipe:
             if self.rank == 0:
                 self.write_adapter(Path(tmp))
                 # Written last: its presence marks a complete checkpoint.
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(
-                    {"step": self.step, "ds_tag": tag, "val_loss": val_loss, "settings": self.settings}))
-            ray.train.report({**metrics, "val_loss": val_loss, "step": self.step},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                (Path(tmp) / STATE_FILE).write_text(
+                    json.dumps({"step": self.step, "ds_tag": tag, "val_loss": val_loss, "settings": self.settings})
+                )
+            ray.train.report(
+                {**metrics, "val_loss": val_loss, "step": self.step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            )
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host to GPU without a sync (pinned, non-blocking): a plain copy waits for the stream."""
@@ -461,29 +510,38 @@ class AdapterRecipe:
             sums += torch.stack([loss.detach().double() * n, n.double(), self.to_device(real)])
             padded += ids.numel()
             # Logits at about half the positions (response tokens only): counted as half.
-            flops += ids.numel() * training_flops_per_token(self.base.args, self.n_adapted,
-                                                            self.cfg.model.adapter.adapter_len, ids.shape[1], 0.5)
+            flops += ids.numel() * training_flops_per_token(
+                self.base.args, self.n_adapted, self.cfg.model.adapter.adapter_len, ids.shape[1], 0.5
+            )
         self.step += 1
         loss_sum, n_lab, n_tok = all_reduce_sum(sums)
         dt = time.perf_counter() - t0
         flops_all = flops * self.world  # every rank does about the same work (length-grouped batches)
-        return {"kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                "loss": loss_sum / n_lab.clamp(min=1), "lr": self.sched.get_last_lr()[0],
-                "grad_norm": self.engine.get_global_grad_norm(), "tokens_per_s": n_tok / dt,
-                "padded_tokens": padded * self.world, "step_time_s": dt, "tflops": flops_all / dt / 1e12,
-                "mfu": flops_all / dt / self.peak_flops if self.peak_flops else None,
-                "gate_abs_mean": self.prompts.gate.detach().abs().mean()}
+        return {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": loss_sum / n_lab.clamp(min=1),
+            "lr": self.sched.get_last_lr()[0],
+            "grad_norm": self.engine.get_global_grad_norm(),
+            "tokens_per_s": n_tok / dt,
+            "padded_tokens": padded * self.world,
+            "step_time_s": dt,
+            "tflops": flops_all / dt / 1e12,
+            "mfu": flops_all / dt / self.peak_flops if self.peak_flops else None,
+            "gate_abs_mean": self.prompts.gate.detach().abs().mean(),
+        }
 
     def train_epoch(self) -> None:
         o, cfg = self.cfg.optim, self.cfg
         epoch = self.step // self.steps_per_epoch
         batches = epoch_order(self.lengths, o.micro_batch_size, o.seed, epoch, o.group_by_length)
         first = (self.step % self.steps_per_epoch) * o.grad_accum_steps
-        batches = batches[first: self.steps_per_epoch * o.grad_accum_steps]
+        batches = batches[first : self.steps_per_epoch * o.grad_accum_steps]
         for k in range(0, len(batches), o.grad_accum_steps):
             self.fault.maybe_fail(self.step)
             with self.timer("train"):
-                row = self.train_step(batches[k:k + o.grad_accum_steps])
+                row = self.train_step(batches[k : k + o.grad_accum_steps])
             self.log.add(row)
             end_of_epoch = self.step % self.steps_per_epoch == 0
             every_n = cfg.checkpoint.every_n_steps and self.step % cfg.checkpoint.every_n_steps == 0
@@ -500,25 +558,43 @@ class AdapterRecipe:
             self.setup()
         self.resume()
         digest_start = state_digest(self.base) if self.rank == 0 else None
-        self.log.add({"kind": "start", "step": self.step, "total_steps": self.stop_at,
-                      "steps_per_epoch": self.steps_per_epoch, "world_size": self.world, "peak_lr": self.lr,
-                      "base_note": self.base_note}, flush=True)
+        self.log.add(
+            {
+                "kind": "start",
+                "step": self.step,
+                "total_steps": self.stop_at,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.world,
+                "peak_lr": self.lr,
+                "base_note": self.base_note,
+            },
+            flush=True,
+        )
         if self.step == 0:
             self.validate()
             self.sample()
         if self.rank == 0:
-            print(f"[train] {self.base_note}; {self.world} workers, {len(self.lengths)} records on rank 0, "
-                  f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, peak lr {self.lr:.3g} "
-                  f"(recipe {self.cfg.optim.recipe})" + (f", resumed at step {self.step}" if self.step else ""),
-                  flush=True)
+            print(
+                f"[train] {self.base_note}; {self.world} workers, {len(self.lengths)} records on rank 0, "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, peak lr {self.lr:.3g} "
+                f"(recipe {self.cfg.optim.recipe})" + (f", resumed at step {self.step}" if self.step else ""),
+                flush=True,
+            )
         self.engine.train()
         while self.step < self.stop_at:
             self.train_epoch()
         self.log.flush()
-        return {"steps": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "base_note": self.base_note, "peak_lr": self.lr, "world_size": self.world,
-                "base_digest_start": digest_start, "base_digest_end": state_digest(self.base) if self.rank == 0 else None,
-                "worker_seconds": {k: round(v, 2) for k, v in self.timer.seconds.items()}}
+        return {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "base_note": self.base_note,
+            "peak_lr": self.lr,
+            "world_size": self.world,
+            "base_digest_start": digest_start,
+            "base_digest_end": state_digest(self.base) if self.rank == 0 else None,
+            "worker_seconds": {k: round(v, 2) for k, v in self.timer.seconds.items()},
+        }
 
 
 def train_loop_per_worker(config: dict) -> dict:

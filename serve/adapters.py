@@ -33,8 +33,8 @@ from pyarrow import fs as pafs
 
 from adapter.adapter import AdaptionPrompts
 from adapter.adapter_file import ADAPTER_FILENAME, AdapterFileError, load_adapter, metadata_of, read_metadata
+from adapter.image_encoder import describe_encoder, same_encoder
 from adapter.model import Transformer
-from adapter.vision import describe_encoder, same_encoder
 from adapter.zero_init import PromptKV
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -71,8 +71,10 @@ def image_refusal(name: str, vision: dict | None, encoder: dict | None) -> str |
     if encoder is None:
         return f"model {name!r} takes images, but this server has no image encoder (its config has no `vision:`)"
     if not same_encoder(vision.get("encoder") or {}, encoder):
-        return (f"model {name!r} was trained with image encoder {describe_encoder(vision.get('encoder') or {})}; "
-                f"this server runs {describe_encoder(encoder)}")
+        return (
+            f"model {name!r} was trained with image encoder {describe_encoder(vision.get('encoder') or {})}; "
+            f"this server runs {describe_encoder(encoder)}"
+        )
     return None
 
 
@@ -87,13 +89,20 @@ class UnknownAdapter(KeyError):
 def check_name(name: str) -> str:
     if ".." in name or not NAME_PATTERN.fullmatch(name):
         raise InvalidAdapterName(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (no path separators)")
+            f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (no path separators)"
+        )
     return name
 
 
 class AdapterStore:
-    def __init__(self, root: str | None, base: Transformer, max_loaded: int = 8, max_bytes: int = 256 * 2**20,
-                 encoder: dict | None = None):
+    def __init__(
+        self,
+        root: str | None,
+        base: Transformer,
+        max_loaded: int = 8,
+        max_bytes: int = 256 * 2**20,
+        encoder: dict | None = None,
+    ):
         """encoder: the identity of this server's image encoder (`ImageEncoder.identity`), if any."""
         self.base, self.encoder = base, encoder
         self.max_loaded, self.max_bytes = max_loaded, max_bytes
@@ -199,8 +208,9 @@ class AdapterStore:
             raise AdapterFileError(f"adapter {name!r}: its prompt or gate holds NaN or infinite values")
         refusal = image_refusal(name, meta["vision"], self.encoder)
         with torch.no_grad():
-            return LoadedAdapter(prompts.prefixes(self.base), prompts if refusal is None else None,
-                                 chat_template(meta["extra"]), refusal)
+            return LoadedAdapter(
+                prompts.prefixes(self.base), prompts if refusal is None else None, chat_template(meta["extra"]), refusal
+            )
 
     def _download(self, name: str, remote: str) -> Path:
         """Copy to a private temp file, at most max_bytes, then rename: never a partial file in place."""

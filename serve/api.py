@@ -43,11 +43,24 @@ Number = Annotated[float, BeforeValidator(_finite)]
 Text = Annotated[StrictStr, AfterValidator(_encodable)]
 
 # Fields we accept only at the value that changes nothing (OpenAI's default), else 400 naming them.
-NO_OP_VALUES = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-                "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-                "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-                "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-                "parallel_tool_calls": (None,), "store": (None, False), "service_tier": (None, "auto")}
+NO_OP_VALUES = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "parallel_tool_calls": (None,),
+    "store": (None, False),
+    "service_tier": (None, "auto"),
+}
 HARMLESS = {"user", "metadata"}  # identify the caller; they do not change the output
 
 
@@ -73,8 +86,9 @@ class _Request(BaseModel):
         for key, value in (self.model_extra or {}).items():
             if key in HARMLESS:
                 continue
-            if key not in NO_OP_VALUES or not any(value == ok and isinstance(value, bool) == isinstance(ok, bool)
-                                                   for ok in NO_OP_VALUES[key]):
+            if key not in NO_OP_VALUES or not any(
+                value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in NO_OP_VALUES[key]
+            ):
                 bad.append(key)
         return sorted(bad)
 
@@ -118,8 +132,9 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
 
     def image_urls(self) -> list[str]:
-        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
-                                                         if isinstance(p, ImagePart)]
+        return (
+            [] if isinstance(self.content, str) else [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        )
 
 
 class ChatRequest(_Request):
@@ -153,8 +168,9 @@ def chat_image(messages: list[ChatMessage]) -> str | None:
     return found[0][1] if found else None
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -163,40 +179,69 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_response(rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int,
-                        completion_tokens: int) -> dict:
     return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(
+    rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+) -> dict:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
         "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(texts)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def chat_response(rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int,
-                  completion_tokens: int) -> dict:
+def chat_response(
+    rid: str, model: str, texts: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+) -> dict:
     return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
-                    for i, (t, f) in enumerate(texts)],
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
+            for i, (t, f) in enumerate(texts)
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
 
 
 def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
     """The last chunk of a stream with `stream_options: {include_usage: true}` (empty choices)."""
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }

@@ -18,7 +18,6 @@ diverge from its solo run after some tokens; sampling with a seed is reproducibl
 same condition.
 """
 
-
 import asyncio
 import json
 import logging
@@ -34,18 +33,29 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from adapter.adapter_file import AdapterFileError
-from adapter.generation import SamplingParams
+from adapter.decoding import SamplingParams
+from adapter.image_encoder import ImageEncoder, ImageError, features_for
 from adapter.loader import load_model
 from adapter.settings import project_path
-from adapter.vision import ImageEncoder, ImageError, features_for
 from serve.adapters import AdapterStore, InvalidAdapterName, LoadedAdapter, UnknownAdapter
-from serve.api import (ChatRequest, CompletionRequest, chat_chunk, chat_image, chat_response, completion_chunk,
-                       completion_response, error_body, new_id, render_chat, usage_chunk)
-from serve.config import ServeConfig, serve_config
+from serve.api import (
+    ChatRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_image,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    render_chat,
+    usage_chunk,
+)
 from serve.engine import ContextOverflow, Engine, EngineFull, Sequence
 from serve.engine_loop import EngineLoop
 from serve.guard import GuardSettings, RequestGuard, configure
 from serve.images import ImageRequestError, image_bytes
+from serve.serve_config import ServeConfig, serve_config
 from serve.text import TextStream
 
 log = logging.getLogger("ray.serve")
@@ -56,14 +66,20 @@ MAX_SEED = 2**63
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-app = FastAPI(title="LLaMA-Adapter", description="OpenAI-compatible completions for a LLaMA and its adapters",
-              docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(
+    title="LLaMA-Adapter",
+    description="OpenAI-compatible completions for a LLaMA and its adapters",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 app.add_middleware(RequestGuard)
 
 
@@ -73,8 +89,9 @@ def _error_type(status: int) -> str:
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
-    return JSONResponse(error_body(e.message, _error_type(e.status), e.param, e.code), status_code=e.status,
-                        headers=e.headers)
+    return JSONResponse(
+        error_body(e.message, _error_type(e.status), e.param, e.code), status_code=e.status, headers=e.headers
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -98,8 +115,11 @@ async def _http_error(request: Request, e: HTTPException):
 
 def resolved_paths(cfg: ServeConfig) -> dict[str, str | None]:
     """Where the config's relative paths point (adapter.settings.project_path: the project root)."""
-    return {"model.base": project_path(cfg.model.base), "model.tokenizer": project_path(cfg.model.tokenizer),
-            "adapters": project_path(cfg.adapters)}
+    return {
+        "model.base": project_path(cfg.model.base),
+        "model.tokenizer": project_path(cfg.model.tokenizer),
+        "adapters": project_path(cfg.adapters),
+    }
 
 
 def api_key_from_env(cfg: ServeConfig) -> str | None:
@@ -109,9 +129,11 @@ def api_key_from_env(cfg: ServeConfig) -> str | None:
         return None
     key = os.environ.get(cfg.api_key_env, "")
     if not key:
-        raise RuntimeError(f"api_key_env names {cfg.api_key_env!r}, which is unset or empty in this replica's "
-                           "environment: refusing to serve without the key (set it where Ray was started, or "
-                           "remove api_key_env to serve without a key)")
+        raise RuntimeError(
+            f"api_key_env names {cfg.api_key_env!r}, which is unset or empty in this replica's "
+            "environment: refusing to serve without the key (set it where Ray was started, or "
+            "remove api_key_env to serve without a key)"
+        )
     return key
 
 
@@ -135,8 +157,13 @@ class AdapterServer:
         # Multimodal adapters (METHOD.md section 7): one frozen image encoder per replica, if configured.
         self.encoder = None if cfg.vision is None else ImageEncoder(cfg.vision, loaded.device, loaded.dtype)
         self.image_slots = asyncio.Semaphore(cfg.max_concurrent_images)
-        self.adapters = AdapterStore(resolved_paths(cfg)["adapters"], self.base, cfg.max_loaded_adapters,
-                                     cfg.max_adapter_bytes, self.encoder.identity if self.encoder else None)
+        self.adapters = AdapterStore(
+            resolved_paths(cfg)["adapters"],
+            self.base,
+            cfg.max_loaded_adapters,
+            cfg.max_adapter_bytes,
+            self.encoder.identity if self.encoder else None,
+        )
         self.engine = Engine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.max_waiting)
         self.loop = EngineLoop(self.engine)
 
@@ -148,8 +175,9 @@ class AdapterServer:
     def _check_request(self, body, n_prompts: int) -> None:
         bad = body.unsupported_parameters()
         if bad:
-            raise ApiError(400, f"parameter(s) not supported by this server: {', '.join(bad)}", bad[0],
-                           "unsupported_parameter")
+            raise ApiError(
+                400, f"parameter(s) not supported by this server: {', '.join(bad)}", bad[0], "unsupported_parameter"
+            )
         if not 1 <= body.n <= self.cfg.max_n:
             raise ApiError(400, f"n must be between 1 and {self.cfg.max_n}, got {body.n}", "n")
         if body.seed is not None and not 0 <= body.seed < MAX_SEED:
@@ -194,8 +222,9 @@ class AdapterServer:
         except InvalidAdapterName as e:
             raise ApiError(400, str(e), "model", "invalid_model_name") from None
         except UnknownAdapter:
-            raise ApiError(404, f"model {model!r} not found; GET /v1/models lists what is served",
-                           "model", "model_not_found") from None
+            raise ApiError(
+                404, f"model {model!r} not found; GET /v1/models lists what is served", "model", "model_not_found"
+            ) from None
         except AdapterFileError as e:
             raise ApiError(500, f"adapter could not be loaded: {e}", "model", "adapter_unloadable") from None
 
@@ -203,8 +232,12 @@ class AdapterServer:
         """The row's prompt keys/values with this image's token added (METHOD.md section 7):
         decoded, encoded and projected in a worker thread, so the engine loop never waits on it."""
         if adapter is None:
-            raise ApiError(400, f"model {model!r} is the base model without an adapter: it cannot take images",
-                           "messages", "image_not_supported")
+            raise ApiError(
+                400,
+                f"model {model!r} is the base model without an adapter: it cannot take images",
+                "messages",
+                "image_not_supported",
+            )
         if adapter.image_refusal is not None:
             raise ApiError(400, adapter.image_refusal, "messages", "image_not_supported")
         try:
@@ -214,8 +247,9 @@ class AdapterServer:
         except (ImageRequestError, ImageError) as e:
             raise ApiError(400, f"image: {e}", "messages", "invalid_image") from None
         except Exception as e:  # whatever else an odd image makes the preprocessing raise: still this image's fault
-            raise ApiError(400, f"image could not be processed ({type(e).__name__})", "messages",
-                           "invalid_image") from None
+            raise ApiError(
+                400, f"image could not be processed ({type(e).__name__})", "messages", "invalid_image"
+            ) from None
 
     def _encode_image(self, adapter: LoadedAdapter, data: bytes):
         features, _ = features_for(self.encoder, [data])
@@ -240,8 +274,13 @@ class AdapterServer:
         except EngineFull:
             for row in rows:
                 self.loop.cancel(row)
-            raise ApiError(503, "this replica is at capacity; retry shortly", None, "overloaded",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                503,
+                "this replica is at capacity; retry shortly",
+                None,
+                "overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         return [len(e) for e in encoded], rows
 
     async def _collect(self, row: Sequence, stop: list[str]) -> tuple[str, str]:
@@ -282,25 +321,38 @@ class AdapterServer:
         names = [self.cfg.base_name] + await asyncio.to_thread(self.adapters.available)
         images = set(await asyncio.to_thread(lambda: [n for n in names[1:] if self.adapters.takes_images(n)]))
         now = int(time.time())
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": now, "owned_by": "llama-adapter",
-             "loaded": n == self.cfg.base_name or n in self.adapters.loaded,
-             "multimodal": n != self.cfg.base_name and n in images} for n in names]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "llama-adapter",
+                    "loaded": n == self.cfg.base_name or n in self.adapters.loaded,
+                    "multimodal": n != self.cfg.base_name and n in images,
+                }
+                for n in names
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > self.cfg.max_prompts_per_request:
-            raise ApiError(400, f"prompt must be a string or a list of 1 to "
-                                f"{self.cfg.max_prompts_per_request} strings", "prompt")
+            raise ApiError(
+                400, f"prompt must be a string or a list of 1 to {self.cfg.max_prompts_per_request} strings", "prompt"
+            )
         self._check_request(body, len(prompts))
         adapter = await self._adapter(body.model)
-        prompt_tokens, rows = await self._admit(body, prompts, "prompt", body.max_tokens,
-                                                adapter.prefixes if adapter else None)
+        prompt_tokens, rows = await self._admit(
+            body, prompts, "prompt", body.max_tokens, adapter.prefixes if adapter else None
+        )
         rid = new_id("cmpl")
         if body.stream:
-            return StreamingResponse(self._stream(rows[0], rid, body, prompt_tokens[0], chat=False),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(rows[0], rid, body, prompt_tokens[0], chat=False), media_type="text/event-stream"
+            )
         texts = await self._complete_all(rows, body.stop_list())
         resp = completion_response(rid, body.model, texts, sum(prompt_tokens), sum(len(r.tokens) for r in rows))
         return JSONResponse(resp, headers={"x-batch-size": ",".join(str(r.max_batch) for r in rows)})
@@ -321,8 +373,9 @@ class AdapterServer:
         prompt_tokens, rows = await self._admit(body, [prompt], "messages", max_tokens, prefixes)
         rid = new_id("chatcmpl")
         if body.stream:
-            return StreamingResponse(self._stream(rows[0], rid, body, prompt_tokens[0], chat=True),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(rows[0], rid, body, prompt_tokens[0], chat=True), media_type="text/event-stream"
+            )
         texts = await self._complete_all(rows, body.stop_list())
         resp = chat_response(rid, body.model, texts, prompt_tokens[0], sum(len(r.tokens) for r in rows))
         return JSONResponse(resp, headers={"x-batch-size": ",".join(str(r.max_batch) for r in rows)})
@@ -364,7 +417,7 @@ class AdapterServer:
 
 def build_app(args: dict) -> serve.Application:
     """`import_path` of serve/config.yaml and serve/local.yaml, or on the command line:
-    `serve run serve.app:build_app model.base=DIR model.tokenizer=FILE adapters=runs` (see serve/config.py)."""
+    `serve run serve.app:build_app model.base=DIR model.tokenizer=FILE adapters=runs` (see serve/serve_config.py)."""
     cfg = serve_config(args)
     return deployment_for(cfg).bind(cfg.model_dump(mode="json"))
 

@@ -15,7 +15,7 @@ copies the whole cache); at the shapes served here (LLaMA-7B, 2,048 context, 16 
 
 A prefill runs alone (batch 1), so a row's prompt pass is the same whatever else is running;
 adapters of different prompt lengths share a decode step through per-row prompt masks
-(`adapter.generation.stack_prefixes`). Failures stay with their rows: a prefill or sampling error
+(`adapter.decoding.stack_prefixes`). Failures stay with their rows: a prefill or sampling error
 fails that row; a failed decode step is retried row by row and only the rows that fail alone fail.
 
 Thread use: `add` and `cancel` may be called from any thread (the replica's event loop) while
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapter.generation import SamplingParams, sample_row, stack_prefixes
+from adapter.decoding import SamplingParams, sample_row, stack_prefixes
 from adapter.model import PromptKV, Transformer
 
 
@@ -45,7 +45,8 @@ class ContextOverflow(ValueError):
         super().__init__(
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{prompt + requested} tokens ({prompt} in the prompt, {requested} in the completion). "
-            f"Please reduce the length of the prompt or completion.")
+            f"Please reduce the length of the prompt or completion."
+        )
         self.context, self.prompt, self.requested = context, prompt, requested
 
 
@@ -92,8 +93,13 @@ class Engine:
         if prompt_len + params.max_gen_len > self.context:
             raise ContextOverflow(self.context, prompt_len, params.max_gen_len)
 
-    def add(self, prompt: list[int], params: SamplingParams, prefixes: dict[int, PromptKV] | None = None,
-            seed: int | None = None) -> Sequence:
+    def add(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        prefixes: dict[int, PromptKV] | None = None,
+        seed: int | None = None,
+    ) -> Sequence:
         """Queue a row. seed: its own generator (same seed, same draws, whatever the batch)."""
         self.check(len(prompt), params)
         generator = None
@@ -126,8 +132,9 @@ class Engine:
         """Leave, join, decode one token; returns the rows that changed (new tokens or finished)."""
         touched = self._leave()
         with self.lock:
-            joining = [self.waiting.popleft() for _ in range(min(len(self.waiting),
-                                                                 self.max_running - len(self.running)))]
+            joining = [
+                self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_running - len(self.running)))
+            ]
         for seq in joining:
             self._prefill(seq)
             touched.append(seq)
@@ -154,8 +161,8 @@ class Engine:
             if i != last:
                 moved = self.running[last]
                 for c in self.caches:
-                    c.k[i, :, :moved.length] = c.k[last, :, :moved.length]
-                    c.v[i, :, :moved.length] = c.v[last, :, :moved.length]
+                    c.k[i, :, : moved.length] = c.k[last, :, : moved.length]
+                    c.v[i, :, : moved.length] = c.v[last, :, : moved.length]
                 self.running[i] = moved
             self.running.pop()
             self._stacked = None
@@ -255,5 +262,9 @@ class Engine:
 
     def stats(self) -> dict:
         with self.lock:
-            return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps,
-                    "finished": dict(self.finished)}
+            return {
+                "running": len(self.running),
+                "waiting": len(self.waiting),
+                "steps": self.steps,
+                "finished": dict(self.finished),
+            }

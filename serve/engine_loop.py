@@ -33,8 +33,9 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.task is None or not self.task.done()
 
-    def submit(self, prompt: list[int], params, prefixes=None, seed: int | None = None,
-               every_step: bool = True) -> Sequence:
+    def submit(
+        self, prompt: list[int], params, prefixes=None, seed: int | None = None, every_step: bool = True
+    ) -> Sequence:
         """Queue a row (raises EngineFull, ContextOverflow). Call from the event loop.
         every_step=False: its consumer is woken only when the row is done (a plain completion
         without stop strings), so the event loop does not wake once per token per row."""

@@ -61,16 +61,27 @@ class RequestGuard:
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         headers = dict(scope.get("headers") or [])
         if settings.api_key and path not in OPEN_PATHS:
             sent = headers.get(b"authorization", b"")
             if not hmac.compare_digest(sent, b"Bearer " + settings.api_key.encode()):
-                return await _respond(send, *_error(
-                    401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                    "authentication_error", "invalid_api_key"), extra=[(b"www-authenticate", b"Bearer")])
-        too_large = _error(413, f"request body is larger than this server's limit of {settings.max_body_bytes} bytes",
-                           "invalid_request_error", "request_too_large")
+                return await _respond(
+                    send,
+                    *_error(
+                        401,
+                        "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                        "authentication_error",
+                        "invalid_api_key",
+                    ),
+                    extra=[(b"www-authenticate", b"Bearer")],
+                )
+        too_large = _error(
+            413,
+            f"request body is larger than this server's limit of {settings.max_body_bytes} bytes",
+            "invalid_request_error",
+            "request_too_large",
+        )
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
@@ -104,7 +115,15 @@ class RequestGuard:
 
 
 async def _respond(send, status: int, body: bytes, extra: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -30,7 +30,7 @@ class TextStream:
         self.text = text
         if text.endswith("\ufffd"):
             return ""
-        return self._advance(text[:len(text) - self._held(text)])
+        return self._advance(text[: len(text) - self._held(text)])
 
     def finish(self) -> str:
         """The rest, once the row is done (a held-back tail that never became a stop string)."""
@@ -49,5 +49,5 @@ class TextStream:
     def _advance(self, final: str) -> str:
         if not final.startswith(self.sent) or len(final) <= len(self.sent):
             return ""
-        delta, self.sent = final[len(self.sent):], final
+        delta, self.sent = final[len(self.sent) :], final
         return delta

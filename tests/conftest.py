@@ -12,9 +12,9 @@ import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import save_adapter
-from adapter.checkpoint import load_base
-from adapter.config import preset
+from adapter.base_weights import load_base
 from adapter.model import Transformer
+from adapter.model_args import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -42,13 +42,20 @@ def ray_cluster(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
-             log_to_driver=False, _temp_dir=str(Path("/tmp") / f"ray-t{os.getpid()}"),
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        log_to_driver=False,
+        _temp_dir=str(Path("/tmp") / f"ray-t{os.getpid()}"),
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}},
+    )
     DataContext.get_current().enable_progress_bars = False
     yield ray
     try:
         from ray import serve
+
         serve.shutdown()
     except Exception:
         pass
@@ -80,7 +87,7 @@ def server(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from serve.app import build_app, deployment_for
-    from serve.config import serve_config
+    from serve.serve_config import serve_config
 
     stories = shared_file("stories260K/params.json").parent
     root = tmp_path_factory.mktemp("adapters")
@@ -99,13 +106,21 @@ def server(ray_cluster, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Server defaults for what a request leaves out: greedy, 6 tokens (checked below).
-    cfg = serve_config({"model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
-                        "sampling": {"max_gen_len": 6, "temperature": 0.0}, "adapters": str(root),
-                        "base_name": "stories260k", "max_tokens_limit": SERVE_LIMIT, "max_n": 3}).model_dump(mode="json")
+    cfg = serve_config(
+        {
+            "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
+            "sampling": {"max_gen_len": 6, "temperature": 0.0},
+            "adapters": str(root),
+            "base_name": "stories260k",
+            "max_tokens_limit": SERVE_LIMIT,
+            "max_n": 3,
+        }
+    ).model_dump(mode="json")
     serve.run(build_app(cfg), name="llama", route_prefix="/")
     small = {**cfg, "api_key_env": "TEST_API_KEY", "max_batch_size": 1, "max_waiting": 1, "max_body_bytes": 4096}
     secure = deployment_for(serve_config(small)).options(
-        name="SecureServer", ray_actor_options={"runtime_env": {"env_vars": {"TEST_API_KEY": "sekrit"}}})
+        name="SecureServer", ray_actor_options={"runtime_env": {"env_vars": {"TEST_API_KEY": "sekrit"}}}
+    )
     serve.run(secure.bind(small), name="secure", route_prefix="/secure")
     base_url = f"http://127.0.0.1:{port}"
     yield base_url

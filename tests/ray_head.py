@@ -39,8 +39,12 @@ def free_ports(n: int) -> list[int]:
 def cli_env() -> dict:
     """What a user's shell has: the project's virtualenv first on PATH (Ray runs job entrypoints
     with the python of the environment that started the cluster), no RAY_ADDRESS."""
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -80,21 +84,50 @@ def ray_head(num_cpus: int = 4):
     """Yields {"dashboard": http address for `ray job submit` / `serve deploy`, "gcs": address}."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash, client, agent_http, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
-    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
-           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--num-cpus", str(num_cpus),
-           "--temp-dir", temp, "--ray-client-server-port", str(client),
-           "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
-           "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-           "--object-store-memory", str(256 * 2**20), "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--port",
+        str(gcs),
+        "--dashboard-port",
+        str(dash),
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--num-cpus",
+        str(num_cpus),
+        "--temp-dir",
+        temp,
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--metrics-export-port",
+        str(metrics),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--node-manager-port",
+        str(node_mgr),
+        "--object-manager-port",
+        str(obj_mgr),
+        "--object-store-memory",
+        str(256 * 2**20),
+        "--disable-usage-stats",
+    ]
     try:
         subprocess.run(cmd, cwd=ROOT, env=cli_env(), check=True, capture_output=True, text=True, timeout=120)
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 90
         while True:  # the job and Serve REST APIs answer only once the dashboard's agent is up
             try:
-                if (httpx.get(f"{address}/api/serve/applications/", timeout=5).status_code == 200
-                        and httpx.get(f"{address}/api/jobs/", timeout=5).status_code == 200):
+                if (
+                    httpx.get(f"{address}/api/serve/applications/", timeout=5).status_code == 200
+                    and httpx.get(f"{address}/api/jobs/", timeout=5).status_code == 200
+                ):
                     break
             except httpx.HTTPError:
                 pass

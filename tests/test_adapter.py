@@ -3,7 +3,7 @@
 import torch
 
 from adapter.adapter import IGNORE_INDEX, AdaptedLlama, AdapterConfig, AdaptionPrompts, batch_prefixes
-from adapter.config import preset
+from adapter.model_args import preset
 
 
 def _adapted(tiny_model, layers=2, k=3):

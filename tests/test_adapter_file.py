@@ -5,7 +5,7 @@ import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import AdapterFileError, import_v1_adapter, load_adapter, read_metadata, save_adapter
-from adapter.config import ModelArgs, preset
+from adapter.model_args import ModelArgs, preset
 
 ARGS = preset("tiny")
 

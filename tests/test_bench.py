@@ -13,9 +13,12 @@ from tests.conftest import shared_file
 def test_projection_suite_writes_valid_json(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.setattr("bench.projection.RESULTS", tmp_path)
     monkeypatch.setattr("bench.common.RESULTS", tmp_path)
-    preprocess(PreprocessConfig(model={"preset": "llama-7b", "tokenizer": str(shared_file("tokenizer.model"))},
-                                data=DataConfig(source=str(shared_file("alpaca_data_first200.json")),
-                                                out=str(tmp_path / "data"))))
+    preprocess(
+        PreprocessConfig(
+            model={"preset": "llama-7b", "tokenizer": str(shared_file("tokenizer.model"))},
+            data=DataConfig(source=str(shared_file("alpaca_data_first200.json")), out=str(tmp_path / "data")),
+        )
+    )
     from bench.projection import run
 
     result = run(data_dir=str(tmp_path / "data"))

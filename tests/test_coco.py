@@ -12,9 +12,11 @@ from pipelines.caption_metrics import score_captions
 from pipelines.coco import CocoFormatError, read_captions, read_karpathy
 from tests.conftest import shared_file
 
-REFS = {"1": ["A cat sat on the mat.", "a cat is on a mat"],
-        "2": ["Two dogs run in a park.", "dogs running on grass"],
-        "3": ["A red bus on the street"]}
+REFS = {
+    "1": ["A cat sat on the mat.", "a cat is on a mat"],
+    "2": ["Two dogs run in a park.", "dogs running on grass"],
+    "3": ["A red bus on the street"],
+}
 HYPS = {"1": "a cat sits on a mat", "2": "", "3": "A red bus on a street."}
 
 
@@ -43,10 +45,31 @@ def test_annotation_readers(tmp_path):
     items = read_captions(shared_file("coco-mini/annotations/captions_val2017.json"))
     assert len(items) == 79 and sum(len(i["captions"]) for i in items) == 395
     assert all(i["file"].endswith(".jpg") for i in items)
-    karpathy = {"images": [
-        {"cocoid": 7, "filepath": "val2014", "filename": "a.jpg", "split": "test", "sentences": [{"raw": "A dog."}]},
-        {"cocoid": 8, "filepath": "train2014", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "Cat."}]},
-        {"cocoid": 9, "filepath": "train2014", "filename": "c.jpg", "split": "train", "sentences": [{"raw": "Sky"}]}]}
+    karpathy = {
+        "images": [
+            {
+                "cocoid": 7,
+                "filepath": "val2014",
+                "filename": "a.jpg",
+                "split": "test",
+                "sentences": [{"raw": "A dog."}],
+            },
+            {
+                "cocoid": 8,
+                "filepath": "train2014",
+                "filename": "b.jpg",
+                "split": "restval",
+                "sentences": [{"raw": "Cat."}],
+            },
+            {
+                "cocoid": 9,
+                "filepath": "train2014",
+                "filename": "c.jpg",
+                "split": "train",
+                "sentences": [{"raw": "Sky"}],
+            },
+        ]
+    }
     (tmp_path / "k.json").write_text(json.dumps(karpathy))
     assert [i["key"] for i in read_karpathy(tmp_path / "k.json", "train")] == ["8", "9"]
     assert read_karpathy(tmp_path / "k.json", "test") == [{"key": "7", "file": "val2014/a.jpg", "captions": ["A dog."]}]

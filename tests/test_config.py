@@ -8,9 +8,9 @@ import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import read_metadata, save_adapter
-from adapter.config import preset
-from adapter.generation import SamplingParams
+from adapter.decoding import SamplingParams
 from adapter.loader import load_model
+from adapter.model_args import preset
 from adapter.settings import ModelSource, load_config, project_path
 from pipelines.config import PreprocessConfig, TrainConfig
 from pipelines.folders import replace_dir
@@ -60,8 +60,9 @@ def test_tokenizer_belongs_to_the_model_section():
 def test_max_seq_len_beyond_the_models_context_is_refused():
     from pipelines.preprocess import check_context
 
-    cfg = PreprocessConfig(model={"preset": "tiny", "tokenizer": "t.model"},
-                           data={"source": "x.json", "out": "o", "max_seq_len": 512})
+    cfg = PreprocessConfig(
+        model={"preset": "tiny", "tokenizer": "t.model"}, data={"source": "x.json", "out": "o", "max_seq_len": 512}
+    )
     with pytest.raises(ValueError, match="max_seq_len 512 is longer than the model's context of 256"):
         check_context(cfg)
 
@@ -95,8 +96,9 @@ def test_loader_checks_that_tokenizer_and_model_belong_together():
 
 def test_random_fallback_is_built_in_the_working_dtype_and_says_so(tmp_path):
     stories_tok = shared_file("stories260K/tokenizer.model")
-    loaded = load_model(ModelSource(base=str(tmp_path / "missing"), preset="tiny", tokenizer=str(stories_tok),
-                                    dtype="bfloat16"))
+    loaded = load_model(
+        ModelSource(base=str(tmp_path / "missing"), preset="tiny", tokenizer=str(stories_tok), dtype="bfloat16")
+    )
     assert loaded.base.tok_embeddings.weight.dtype == torch.bfloat16
     assert "RANDOM-INITIALISED" in loaded.note and not any(p.requires_grad for p in loaded.base.parameters())
 
@@ -105,8 +107,20 @@ def test_generate_cli_uses_the_same_loader():
     from adapter.generate import main
 
     stories = shared_file("stories260K/params.json").parent
-    out = main(["--base", str(stories), "--tokenizer", str(stories / "tokenizer.model"), "--prompt", "Once upon a time",
-                "--max-gen-len", "5", "--temperature", "0"])
+    out = main(
+        [
+            "--base",
+            str(stories),
+            "--tokenizer",
+            str(stories / "tokenizer.model"),
+            "--prompt",
+            "Once upon a time",
+            "--max-gen-len",
+            "5",
+            "--temperature",
+            "0",
+        ]
+    )
     assert len(out) == 1 and out[0]
     with pytest.raises(SystemExit):
         main(["--base", str(stories), "--tokenizer", str(shared_file("tokenizer.model")), "--prompt", "x"])

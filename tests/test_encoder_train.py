@@ -10,16 +10,22 @@ import json
 
 import pytest
 
-from adapter.roberta import save_random_roberta
-from adapter.vit import ViTShape, save_random_vit
+from adapter.backbones.roberta import save_random_roberta
+from adapter.backbones.vit import ViTShape, save_random_vit
 from bench.zero_init_comparison import TINY_VIT, synthetic_squad
 from pipelines.config import TrainConfig
 
 pytest.importorskip("sklearn", reason="scikit-learn ships the real digits")
+
+
 def train_config(tmp, **over) -> TrainConfig:
-    cfg = {"output_dir": str(tmp / "runs"), "ray": {"num_cpus": 4},
-           "workers": {"num_workers": 2, "cpus_per_worker": 0.5}, "checkpoint": {"keep": 1},
-           "evaluation": {"batch_size": 64}}
+    cfg = {
+        "output_dir": str(tmp / "runs"),
+        "ray": {"num_cpus": 4},
+        "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "checkpoint": {"keep": 1},
+        "evaluation": {"batch_size": 64},
+    }
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return TrainConfig.model_validate(cfg)
@@ -33,19 +39,33 @@ def vit_run(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vit")
     write_digits(tmp / "digits", size=32)
     weights = save_random_vit(tmp / "tiny-vit.safetensors", ViTShape(**TINY_VIT))
-    cfg = train_config(tmp, name="vit", task="image-classification",
-                       encoder={"weights": str(weights), "vit": TINY_VIT,
-                                "adapter": {"prompt_len": 4, "layers": 2, "gate": "zero-init"}},
-                       data={"source": str(tmp / "digits"), "out": str(tmp / "records")},
-                       optim={"recipe": "custom", "lr": 0.05, "weight_decay": 0.0, "epochs": 2,
-                              "warmup_epochs": 0.2, "micro_batch_size": 32},
-                       # A worker dies once at step 15; Ray restarts the group from the step-10 checkpoint.
-                       checkpoint={"every_n_steps": 10}, fail_at_step=15)
+    cfg = train_config(
+        tmp,
+        name="vit",
+        task="image-classification",
+        encoder={
+            "weights": str(weights),
+            "vit": TINY_VIT,
+            "adapter": {"prompt_len": 4, "layers": 2, "gate": "zero-init"},
+        },
+        data={"source": str(tmp / "digits"), "out": str(tmp / "records")},
+        optim={
+            "recipe": "custom",
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "epochs": 2,
+            "warmup_epochs": 0.2,
+            "micro_batch_size": 32,
+        },
+        # A worker dies once at step 15; Ray restarts the group from the step-10 checkpoint.
+        checkpoint={"every_n_steps": 10},
+        fail_at_step=15,
+    )
     return cfg, run(cfg), tmp
 
 
 def test_vit_adapter_learns_real_digits_through_ray_train_and_keeps_the_backbone(vit_run):
-    from adapter.encoder_adapter import read_encoder_metadata
+    from adapter.backbones.adapted import read_encoder_metadata
     from pipelines.evaluate_encoder import run as evaluate
 
     cfg, summary, tmp = vit_run
@@ -60,8 +80,10 @@ def test_vit_adapter_learns_real_digits_through_ray_train_and_keeps_the_backbone
     assert result["images"] == 359 and not result["errors"]
     assert result["top1"] > 30, result  # chance is 10%
     assert len(result["per_class_top1"]) == 10
-    print(f"\n[measured] tiny random ViT + zero-init prompts, digits val top-1 {result['top1']}% after "
-          f"{summary['steps']} steps ({result['images_per_s']} images/s in evaluation)")
+    print(
+        f"\n[measured] tiny random ViT + zero-init prompts, digits val top-1 {result['top1']}% after "
+        f"{summary['steps']} steps ({result['images_per_s']} images/s in evaluation)"
+    )
 
 
 def test_an_image_folder_with_bad_files_sets_them_aside_by_reason(vit_run, tmp_path):
@@ -74,8 +96,9 @@ def test_an_image_folder_with_bad_files_sets_them_aside_by_reason(vit_run, tmp_p
     shutil.copytree(tmp / "digits", root)
     (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG not really")
     (root / "train" / "notes.txt").write_text("not an image")
-    bad = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(root),
-                                                                      "out": str(tmp_path / "out")})})
+    bad = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"source": str(root), "out": str(tmp_path / "out")})}
+    )
     stats = preprocess(bad)
     assert stats["rejected_by_reason"] == {"image_corrupt": 1, "outside_class_folder": 1}
     assert stats["records_written"] == 1797 and stats["records_read"] == 1799
@@ -103,13 +126,26 @@ def squad_run(ray_cluster, tmp_path_factory):
     (tmp / "dev.json").write_text(json.dumps(dev))
     texts = [p["context"] + " " + q["question"] for a in train["data"] for p in a["paragraphs"] for q in p["qas"]]
     folder = save_random_roberta(tmp / "tiny-roberta", texts, hidden_size=32, num_layers=2, num_heads=2)
-    cfg = train_config(tmp, name="qa", task="squad",
-                       encoder={"weights": str(folder), "eval_source": str(tmp / "dev.json"), "doc_stride": 16,
-                                "adapter": {"prompt_len": 4, "layers": 2, "gate": "zero-init"}},
-                       data={"source": str(tmp / "train.json"), "out": str(tmp / "records"), "max_seq_len": 48,
-                             "val_fraction": 0.1},
-                       optim={"recipe": "custom", "lr": 0.05, "weight_decay": 0.0, "epochs": 6,
-                              "warmup_epochs": 0.5, "micro_batch_size": 16})
+    cfg = train_config(
+        tmp,
+        name="qa",
+        task="squad",
+        encoder={
+            "weights": str(folder),
+            "eval_source": str(tmp / "dev.json"),
+            "doc_stride": 16,
+            "adapter": {"prompt_len": 4, "layers": 2, "gate": "zero-init"},
+        },
+        data={"source": str(tmp / "train.json"), "out": str(tmp / "records"), "max_seq_len": 48, "val_fraction": 0.1},
+        optim={
+            "recipe": "custom",
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "epochs": 6,
+            "warmup_epochs": 0.5,
+            "micro_batch_size": 16,
+        },
+    )
     return cfg, run(cfg), tmp
 
 
@@ -126,9 +162,15 @@ def test_roberta_adapter_learns_a_synthetic_span_task_and_is_scored_the_official
     assert result["errors"] == [{"id": "too-long", "error": "question_too_long"}]
     assert result["exact"] > 50, result  # answering "" everywhere would score the NoAns share (~20%)
     preds = [json.loads(x) for x in open(f"{result['out']}/predictions.jsonl")]
-    contexts = {q["id"]: p["context"] for a in json.loads((tmp / "dev.json").read_text())["data"]
-                for p in a["paragraphs"] for q in p["qas"]}
+    contexts = {
+        q["id"]: p["context"]
+        for a in json.loads((tmp / "dev.json").read_text())["data"]
+        for p in a["paragraphs"]
+        for q in p["qas"]
+    }
     assert len(preds) == 61 and all(p["prediction"] in contexts[p["id"]] for p in preds)  # spans or ""
-    print(f"\n[measured] tiny random RoBERTa + zero-init prompts, synthetic SQuAD v2.0 dev: exact "
-          f"{result['exact']:.1f}, F1 {result['f1']:.1f} (HasAns {result['HasAns_exact']:.1f}, "
-          f"NoAns {result['NoAns_exact']:.1f}) after {summary['steps']} steps")
+    print(
+        f"\n[measured] tiny random RoBERTa + zero-init prompts, synthetic SQuAD v2.0 dev: exact "
+        f"{result['exact']:.1f}, F1 {result['f1']:.1f} (HasAns {result['HasAns_exact']:.1f}, "
+        f"NoAns {result['NoAns_exact']:.1f}) after {summary['steps']} steps"
+    )

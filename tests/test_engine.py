@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
-from adapter.generation import SamplingParams, generate, prefixes_for
+from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.model import PromptKV
 from serve.engine import ContextOverflow, Engine, EngineFull
 
@@ -95,7 +95,8 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_finish(tiny_mode
     assert [r.tokens for r in (rows[0], rows[2])] == [_alone(tiny_model, p, long) for p in (PROMPTS[0], PROMPTS[2])]
     # A waiting row is cancelled at once.
     engine = Engine(tiny_model, eos_id=-1, max_running=1)
-    first, queued = engine.add(PROMPTS[0], long), engine.add(PROMPTS[1], long)
+    engine.add(PROMPTS[0], long)
+    queued = engine.add(PROMPTS[1], long)
     engine.step()
     engine.cancel(queued)
     assert queued.finish_reason == "cancelled" and engine.stats()["waiting"] == 0
@@ -146,7 +147,9 @@ def test_a_row_that_fails_fails_alone(tiny_model, adapters):
     later = engine.add(PROMPTS[3], GREEDY, adapters[3])
     _drain(engine)
     assert bad.finish_reason == "error" and bad.error is not None
-    expected = [_alone(tiny_model, p, GREEDY, a) for p, a in zip(PROMPTS[:2] + PROMPTS[3:4], adapters[:2] + adapters[3:4])]
+    expected = [
+        _alone(tiny_model, p, GREEDY, a) for p, a in zip(PROMPTS[:2] + PROMPTS[3:4], adapters[:2] + adapters[3:4])
+    ]
     assert [s.tokens for s in good + [later]] == expected
 
 

@@ -5,9 +5,14 @@ import pytest
 import torch
 
 from adapter.adapter import AdapterConfig, parameter_counts
-from adapter.config import preset
-from adapter.flops import (block_matmul_params, generation_flops_per_token, mfu, peak_flops_per_device,
-                           training_flops_per_token)
+from adapter.flops import (
+    block_matmul_params,
+    generation_flops_per_token,
+    mfu,
+    peak_flops_per_device,
+    training_flops_per_token,
+)
+from adapter.model_args import preset
 
 LLAMA_7B = preset("llama-7b")
 
@@ -69,26 +74,35 @@ def test_logits_fraction_counts_the_head_only_where_logits_are_computed():
     assert full - half == pytest.approx(0.5 * 2 * (2 * a.dim * a.vocab_size))
 
 
-@pytest.mark.parametrize("name, dtype, peak", [
-    ("NVIDIA A100-SXM4-40GB", torch.bfloat16, 312e12),
-    ("NVIDIA A100-SXM4-80GB", torch.float16, 312e12),
-    ("NVIDIA A100 80GB PCIe", torch.bfloat16, 312e12),
-    ("NVIDIA A100-SXM4-40GB", torch.float32, 19.5e12),  # plain FP32, not TF32
-    ("NVIDIA H200", torch.bfloat16, 989e12),
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
-    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
-    ("NVIDIA L4", torch.bfloat16, 121e12),
-    ("NVIDIA A10G", "bf16", 125e12),
-    ("Tesla V100-SXM2-16GB", torch.float16, 125e12),
-])
+@pytest.mark.parametrize(
+    "name, dtype, peak",
+    [
+        ("NVIDIA A100-SXM4-40GB", torch.bfloat16, 312e12),
+        ("NVIDIA A100-SXM4-80GB", torch.float16, 312e12),
+        ("NVIDIA A100 80GB PCIe", torch.bfloat16, 312e12),
+        ("NVIDIA A100-SXM4-40GB", torch.float32, 19.5e12),  # plain FP32, not TF32
+        ("NVIDIA H200", torch.bfloat16, 989e12),
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+        ("NVIDIA L4", torch.bfloat16, 121e12),
+        ("NVIDIA A10G", "bf16", 125e12),
+        ("Tesla V100-SXM2-16GB", torch.float16, 125e12),
+    ],
+)
 def test_peak_table_matches_device_names(name, dtype, peak):
     assert peak_flops_per_device(name, dtype) == peak
 
 
-@pytest.mark.parametrize("name, dtype", [
-    (None, torch.bfloat16), ("cpu", torch.float32), ("NVIDIA L40S", torch.bfloat16),  # not an L4
-    ("AMD Instinct MI300X", torch.bfloat16), ("Tesla V100-SXM2-16GB", torch.bfloat16),  # no bf16 cores
-])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        (None, torch.bfloat16),
+        ("cpu", torch.float32),
+        ("NVIDIA L40S", torch.bfloat16),  # not an L4
+        ("AMD Instinct MI300X", torch.bfloat16),
+        ("Tesla V100-SXM2-16GB", torch.bfloat16),  # no bf16 cores
+    ],
+)
 def test_unknown_devices_cpu_and_missing_dtypes_have_no_peak(name, dtype):
     assert peak_flops_per_device(name, dtype) is None
 

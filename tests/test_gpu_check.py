@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from adapter.config import preset
+from adapter.model_args import preset
 from bench import gpu_check
 
 

@@ -67,8 +67,8 @@ def test_pixels_are_the_digits_scaled_to_0_255_and_enlarged(digits_dir, digits):
         with Image.open(out / split / str(label) / f"{index}.png") as im:
             pixels = np.asarray(im)
         expected = np.rint(digits.images[index] * 255 / 16).astype(np.uint8)
-        assert np.array_equal(pixels[..., 0], pixels[..., 2])                      # grey in all three channels
-        assert np.array_equal(pixels[::SIZE // 8, ::SIZE // 8, 0], expected)      # one sample per 4x4 block
+        assert np.array_equal(pixels[..., 0], pixels[..., 2])  # grey in all three channels
+        assert np.array_equal(pixels[:: SIZE // 8, :: SIZE // 8, 0], expected)  # one sample per 4x4 block
         assert np.array_equal(pixels[..., 1], np.kron(expected, np.ones((SIZE // 8, SIZE // 8), np.uint8)))
     assert np.asarray(digit_image(digits.images[0], 8))[..., 0].max() <= 255
 
@@ -96,8 +96,11 @@ def test_listing_rejects_what_is_not_an_image(tmp_path):
     classes, items, rejects = list_image_folder(root)
     assert classes == ["B", "a", "b", "c_empty"]  # sorted names, as ImageFolder orders them
     assert items == [("B/z.webp", 0), ("a/broken.png", 1), ("a/x.png", 1), ("b/sub/y.JPG", 2)]
-    assert sorted(rejects) == [("README.md", "outside_class_folder"), ("a/notes.txt", "not_an_image"),
-                               ("c_empty", "empty_class")]
+    assert sorted(rejects) == [
+        ("README.md", "outside_class_folder"),
+        ("a/notes.txt", "not_an_image"),
+        ("c_empty", "empty_class"),
+    ]
     _, items, rejects = list_image_folder(root, check_decode=True)
     assert ("a/broken.png", "undecodable") in rejects and ("a/broken.png", 1) not in items
     with pytest.raises(FileNotFoundError):

@@ -48,16 +48,22 @@ def _submit(client, entrypoint: str, timeout_s: float = 420) -> str:
 
 
 def test_preprocess_job_submitted_to_a_running_cluster(client):
-    logs = _submit(client, f"python -m pipelines.preprocess --config configs/tiny-cpu.yaml "
-                           f"--set data.limit=50 --set data.out={OUT}/data50")
+    logs = _submit(
+        client,
+        f"python -m pipelines.preprocess --config configs/tiny-cpu.yaml "
+        f"--set data.limit=50 --set data.out={OUT}/data50",
+    )
     assert (ROOT / OUT / "data50" / "stats.json").is_file(), logs[-2000:]
     assert "wrote" in logs and "working_dir_files" not in logs.split("[preprocess]")[-1]
 
 
 def test_training_job_submitted_to_a_running_cluster_writes_its_adapter_into_the_project(client):
-    logs = _submit(client, "python -m pipelines.train --config configs/tiny-cpu.yaml --set name=submitted "
-                           f"--set output_dir={OUT} --set data.out={OUT}/data200 --set data.limit=200 "
-                           "--set optim.epochs=1 --set checkpoint.every_n_steps=null")
+    logs = _submit(
+        client,
+        "python -m pipelines.train --config configs/tiny-cpu.yaml --set name=submitted "
+        f"--set output_dir={OUT} --set data.out={OUT}/data200 --set data.limit=200 "
+        "--set optim.epochs=1 --set checkpoint.every_n_steps=null",
+    )
     adapter = ROOT / OUT / "submitted" / "adapter" / "adapter.safetensors"
     assert adapter.is_file(), logs[-3000:]
     assert "(Ray: existing cluster)" in logs  # joined the cluster, did not start its own

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapter.checkpoint import load_base
+from adapter.base_weights import load_base
 from adapter.llama2c import load_llama2c
 from tests.conftest import shared_file
 
@@ -23,8 +23,17 @@ def write_llama2c(model, path, shared_classifier: bool):
             f.write(t.detach().float().numpy().astype(np.float32).tobytes())
 
         put(sd["tok_embeddings.weight"])
-        for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        for name in (
+            "attention_norm",
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "ffn_norm",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        ):
             for i in range(a.n_layers):
                 put(sd[f"layers.{i}.{name}.weight"])
         put(sd["norm.weight"])

@@ -7,7 +7,7 @@ import torch
 
 from adapter import params as params_cli
 from adapter.adapter import AdapterConfig, parameter_counts
-from adapter.config import PRESETS, ModelArgs, preset
+from adapter.model_args import PRESETS, ModelArgs, preset
 
 
 def test_7b_trainable_count_is_the_papers_1229760():
@@ -37,8 +37,7 @@ def test_params_cli_prints_json(capsys):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_have_known_ffn_widths(name):
     args = preset(name)
-    expected = {"llama-7b": 11008, "llama-13b": 13824, "llama-33b": 17920, "llama-65b": 22016,
-                "llama2-70b": 28672}
+    expected = {"llama-7b": 11008, "llama-13b": 13824, "llama-33b": 17920, "llama-65b": 22016, "llama2-70b": 28672}
     if name in expected:
         assert args.ffn_hidden_dim == expected[name]
 

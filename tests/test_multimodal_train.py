@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from adapter.adapter_file import load_adapter
-from adapter.checkpoint import load_base
-from adapter.vision import ImageEncoder, features_for, save_random_encoder
+from adapter.base_weights import load_base
+from adapter.image_encoder import ImageEncoder, features_for, save_random_encoder
 from pipelines.coco import read_captions
 from pipelines.config import TrainConfig
 from tests.conftest import shared_file
 from tests.test_scienceqa import draw_images
-from tests.test_vision import png
+from tests.test_image_encoder import png
 
 
 def coco_layout(root, n_train: int):
@@ -44,20 +44,29 @@ def trained(ray_cluster, tmp_path_factory):
     encoder = save_random_encoder(tmp / "tiny-clip")
     coco = coco_layout(tmp / "coco", n_train=24)
     stories = shared_file("stories260K/params.json").parent
-    cfg = TrainConfig.model_validate({
-        "name": "mm", "output_dir": str(tmp / "runs"), "task": "coco",
-        "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"),
-                  "adapter": {"adapter_len": 4, "adapter_layers": 3}},
-        "vision": {"encoder": str(encoder), "feature_layers": [1, 3], "proj_hidden": 16},
-        "data": {"source": str(coco), "out": str(tmp / "data"), "max_seq_len": 192, "limit": 24},
-        "optim": {"recipe": "custom", "lr": 0.02, "epochs": 1, "warmup_epochs": 0.1, "micro_batch_size": 4},
-        "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
-        "checkpoint": {"keep": 1},
-        "samples": {"instructions": ["Generate a caption for this image."],
-                    "sampling": {"max_gen_len": 4, "temperature": 0}},
-        "stop_at_step": 10,
-        "evaluation": {"split": "val", "batch_size": 64, "max_gen_len": 12},
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "name": "mm",
+            "output_dir": str(tmp / "runs"),
+            "task": "coco",
+            "model": {
+                "base": str(stories),
+                "tokenizer": str(stories / "tokenizer.model"),
+                "adapter": {"adapter_len": 4, "adapter_layers": 3},
+            },
+            "vision": {"encoder": str(encoder), "feature_layers": [1, 3], "proj_hidden": 16},
+            "data": {"source": str(coco), "out": str(tmp / "data"), "max_seq_len": 192, "limit": 24},
+            "optim": {"recipe": "custom", "lr": 0.02, "epochs": 1, "warmup_epochs": 0.1, "micro_batch_size": 4},
+            "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
+            "checkpoint": {"keep": 1},
+            "samples": {
+                "instructions": ["Generate a caption for this image."],
+                "sampling": {"max_gen_len": 4, "temperature": 0},
+            },
+            "stop_at_step": 10,
+            "evaluation": {"split": "val", "batch_size": 64, "max_gen_len": 12},
+        }
+    )
     return cfg, run(cfg), tmp
 
 
@@ -65,8 +74,10 @@ def test_multimodal_training_moves_gates_and_projection_and_keeps_the_encoder(tr
     cfg, summary, _ = trained
     stats = json.loads(open(f"{cfg.data.out}/stats.json").read())
     train = read_captions(shared_file("coco-mini/annotations/captions_train2017.json"))[:24]
-    assert stats["rejected_by_reason"] == {"image_corrupt": len(train[1]["captions"]),
-                                           "image_missing": len(train[2]["captions"])}
+    assert stats["rejected_by_reason"] == {
+        "image_corrupt": len(train[1]["captions"]),
+        "image_missing": len(train[2]["captions"]),
+    }
     assert stats["train_records"] == sum(len(i["captions"]) for i in train) - stats["records_rejected"]
     val = [json.loads(x) for x in open(summary["metrics"]) if '"val"' in x]
     assert summary["steps"] == 10 and val[0]["step"] == 0 and val[-1]["step"] == 10
@@ -94,8 +105,10 @@ def test_coco_evaluation_scores_captions_on_coco_mini_val(trained):
     lines = [json.loads(x) for x in open(f"{result['out']}/predictions.jsonl")]
     assert len(lines) == 79 and all(len(x["references"]) >= 5 for x in lines)
     assert len(json.load(open(f"{result['out']}/captions.json"))) == 79
-    print(f"\n[measured] coco-mini val x100: {result['metrics_x100']}, {result['images_per_s']} images/s, "
-          f"e.g. {lines[0]['caption']!r}")
+    print(
+        f"\n[measured] coco-mini val x100: {result['metrics_x100']}, {result['images_per_s']} images/s, "
+        f"e.g. {lines[0]['caption']!r}"
+    )
 
 
 def test_scienceqa_evaluation_scores_the_shared_test_split(trained):
@@ -104,10 +117,14 @@ def test_scienceqa_evaluation_scores_the_shared_test_split(trained):
     cfg, summary, tmp = trained
     src = shared_file("scienceqa/problems.json").parent
     drawn = draw_images(src, tmp / "sqa-images", splits=("test",))
-    sqa = cfg.model_copy(update={
-        "task": "scienceqa", "data": cfg.data.model_copy(update={"source": str(src), "out": str(tmp / "sqa")}),
-        "scienceqa": cfg.scienceqa.model_copy(update={"images": str(tmp / "sqa-images")}),
-        "evaluation": cfg.evaluation.model_copy(update={"adapter": summary["adapter"], "split": "test"})})
+    sqa = cfg.model_copy(
+        update={
+            "task": "scienceqa",
+            "data": cfg.data.model_copy(update={"source": str(src), "out": str(tmp / "sqa")}),
+            "scienceqa": cfg.scienceqa.model_copy(update={"images": str(tmp / "sqa-images")}),
+            "evaluation": cfg.evaluation.model_copy(update={"adapter": summary["adapter"], "split": "test"}),
+        }
+    )
     result = run(sqa)
     assert result["problems"] + len(result["set_aside"]) == 361 and result["with_image"] == drawn > 0
     acc = result["accuracy"]
@@ -120,21 +137,33 @@ def test_scienceqa_evaluation_scores_the_shared_test_split(trained):
     assert all(not p["correct"] for p in preds if p["parse"] != "ok")
     table = open(f"{result['out']}/table.md").read()
     assert "| NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 | Avg |" in table
-    print(f"\n[measured] ScienceQA test ({result['problems']} problems, {drawn} drawn images): "
-          f"{acc['Avg']['accuracy']}% avg, parse {result['parse_results']}, {result['problems_per_s']} problems/s\n"
-          + table)
+    print(
+        f"\n[measured] ScienceQA test ({result['problems']} problems, {drawn} drawn images): "
+        f"{acc['Avg']['accuracy']}% avg, parse {result['parse_results']}, {result['problems_per_s']} problems/s\n"
+        + table
+    )
 
 
 def test_generate_cli_with_an_image(trained, tmp_path, capsys):
-    from adapter.adapter_file import save_adapter
     from adapter.adapter import AdapterConfig, AdaptionPrompts
+    from adapter.adapter_file import save_adapter
     from adapter.generate import main
 
     cfg, summary, tmp = trained
     image = tmp_path / "blue.png"
     image.write_bytes(png((0, 0, 255)))
-    common = ["--base", cfg.model.base, "--tokenizer", cfg.model.tokenizer, "--temperature", "0",
-              "--max-gen-len", "6", "--instruction", "Generate a caption for this image."]
+    common = [
+        "--base",
+        cfg.model.base,
+        "--tokenizer",
+        cfg.model.tokenizer,
+        "--temperature",
+        "0",
+        "--max-gen-len",
+        "6",
+        "--instruction",
+        "Generate a caption for this image.",
+    ]
     out = main([*common, "--adapter", summary["adapter"], "--image", str(image), "--encoder", cfg.vision.encoder])
     assert len(out) == 1 and isinstance(out[0], str)
     # Without --encoder: the folder the training job recorded in training.json.
@@ -150,8 +179,17 @@ def test_generate_cli_with_an_image(trained, tmp_path, capsys):
     assert "text-only adapter" in capsys.readouterr().err
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(SystemExit):
-        main([*common, "--adapter", summary["adapter"], "--image", str(tmp_path / "bad.png"),
-              "--encoder", cfg.vision.encoder])
+        main(
+            [
+                *common,
+                "--adapter",
+                summary["adapter"],
+                "--image",
+                str(tmp_path / "bad.png"),
+                "--encoder",
+                cfg.vision.encoder,
+            ]
+        )
     assert "not a readable image" in capsys.readouterr().err
 
 
@@ -175,9 +213,14 @@ def served(trained, server):
         loud.gate.fill_(3.0)
         loud.projection.norm.weight.mul_(30)
     save_adapter(loud, base.args, tmp / "runs" / "mm-loud.safetensors", extra={"task": "coco"})
-    app_cfg = {"model": {"base": cfg.model.base, "tokenizer": cfg.model.tokenizer}, "adapters": str(tmp / "runs"),
-               "base_name": "stories260k", "vision": cfg.vision.model_dump(mode="json"),
-               "max_image_bytes": 300_000, "sampling": {"max_gen_len": 8, "temperature": 0.0}}
+    app_cfg = {
+        "model": {"base": cfg.model.base, "tokenizer": cfg.model.tokenizer},
+        "adapters": str(tmp / "runs"),
+        "base_name": "stories260k",
+        "vision": cfg.vision.model_dump(mode="json"),
+        "max_image_bytes": 300_000,
+        "sampling": {"max_gen_len": 8, "temperature": 0.0},
+    }
     serve.run(build_app(app_cfg), name="mm", route_prefix="/mm")
     yield f"{server}/mm"
     serve.delete("mm")
@@ -190,14 +233,22 @@ def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
 
 
 def image_chat(model: str, url: str, text: str = "Generate a caption for this image.") -> dict:
-    return {"model": model, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": text},
-                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+    return {
+        "model": model,
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+            }
+        ],
+    }
 
 
 def test_served_multimodal_adapter_answers_an_image_url_request_over_http(trained, served):
     openai = pytest.importorskip("openai", reason="the openai client is a test-only dependency")
-    from adapter.generation import SamplingParams, generate
+    from adapter.decoding import SamplingParams, generate
     from adapter.prompts import format_prompt
     from adapter.tokenizer import Tokenizer
 
@@ -205,7 +256,12 @@ def test_served_multimodal_adapter_answers_an_image_url_request_over_http(traine
     jpeg = sorted((shared_file("coco-mini/val2017/000000000139.jpg").parent).glob("*.jpg"))[0].read_bytes()
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused")
     listed = {m.id: m.model_extra.get("multimodal") for m in client.models.list().data}
-    assert listed["mm"] is True and listed["mm-loud"] is True and listed["plain"] is False and listed["stories260k"] is False, listed
+    assert (
+        listed["mm"] is True
+        and listed["mm-loud"] is True
+        and listed["plain"] is False
+        and listed["stories260k"] is False
+    ), listed
     assert client.chat.completions.create(**image_chat("mm", data_uri(jpeg))).choices[0].message.content
     reply = client.chat.completions.create(**image_chat("mm-loud", data_uri(jpeg)))
     served_text = reply.choices[0].message.content
@@ -219,14 +275,17 @@ def test_served_multimodal_adapter_answers_an_image_url_request_over_http(traine
         without = adapter.prefixes(base)
     assert not torch.equal(with_image[base.args.n_layers - 1].k, without[base.args.n_layers - 1].k)
     prompt = tok.encode(format_prompt("Generate a caption for this image."), bos=True)
-    local = generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id,
-                     adapters=[with_image])[0]
+    local = generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id, adapters=[with_image])[
+        0
+    ]
     assert served_text == tok.decode(local), (served_text, tok.decode(local))
-    blind = tok.decode(generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id,
-                                adapters=[without])[0])
+    blind = tok.decode(
+        generate(base, [prompt], SamplingParams(max_gen_len=8, temperature=0.0), tok.eos_id, adapters=[without])[0]
+    )
     assert blind != served_text  # so the equality above could only hold with the image
-    print(f"\n[measured] served caption for {len(jpeg):,}-byte COCO image: {served_text!r} "
-          f"(without the image: {blind!r})")
+    print(
+        f"\n[measured] served caption for {len(jpeg):,}-byte COCO image: {served_text!r} (without the image: {blind!r})"
+    )
 
 
 def test_image_requests_are_refused_with_a_message_and_neighbours_are_unaffected(trained, served):
@@ -236,8 +295,12 @@ def test_image_requests_are_refused_with_a_message_and_neighbours_are_unaffected
 
     jpeg = shared_file("coco-mini/val2017/000000000802.jpg").read_bytes()
     ok = image_chat("mm", data_uri(jpeg))
-    text_row = {"model": "mm", "max_tokens": 8, "temperature": 0,
-                "messages": [{"role": "user", "content": "Generate a caption for this image."}]}
+    text_row = {
+        "model": "mm",
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Generate a caption for this image."}],
+    }
     bad = {
         "remote URL": (image_chat("mm", "https://example.com/cat.jpg"), 400, "remote image URLs are not fetched"),
         "text-only adapter": (image_chat("plain", data_uri(jpeg)), 400, "text-only adapter"),
@@ -247,16 +310,39 @@ def test_image_requests_are_refused_with_a_message_and_neighbours_are_unaffected
         "oversized image": (image_chat("mm", data_uri(b"\0" * 400_000)), 400, "larger than this server's limit"),
         "not base64": (image_chat("mm", "data:image/png;base64,@@@@"), 400, "not valid base64"),
         "not an image type": (image_chat("mm", data_uri(jpeg, "text/html")), 400, "not image/*"),
-        "two images": ({**ok, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_uri(jpeg)}},
-            {"type": "image_url", "image_url": {"url": data_uri(jpeg)}}]}]}, 400, "one image per request"),
-        "unknown part": ({**ok, "messages": [{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}, 400, "input_audio"),
+        "two images": (
+            {
+                **ok,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": data_uri(jpeg)}},
+                            {"type": "image_url", "image_url": {"url": data_uri(jpeg)}},
+                        ],
+                    }
+                ],
+            },
+            400,
+            "one image per request",
+        ),
+        "unknown part": (
+            {
+                **ok,
+                "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}
+                ],
+            },
+            400,
+            "input_audio",
+        ),
         "body over the limit": (image_chat("mm", data_uri(b"\0" * 900_000)), 413, ""),
     }
     with httpx.Client(timeout=120) as http, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        solo = {"image": http.post(f"{served}/v1/chat/completions", json=ok).json(),
-                "text": http.post(f"{served}/v1/chat/completions", json=text_row).json()}
+        solo = {
+            "image": http.post(f"{served}/v1/chat/completions", json=ok).json(),
+            "text": http.post(f"{served}/v1/chat/completions", json=text_row).json(),
+        }
         # Valid image and text rows in flight together with every bad request.
         futures = {k: pool.submit(http.post, f"{served}/v1/chat/completions", json=b) for k, (b, _, _) in bad.items()}
         good = [pool.submit(http.post, f"{served}/v1/chat/completions", json=b) for b in (ok, text_row) * 3]
@@ -284,8 +370,11 @@ def test_playground_sends_the_chosen_image_to_a_multimodal_adapter(trained, serv
     if not shutil.os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not found: Debian's chromium is installed by .ci/run")
     jpeg = shared_file("coco-mini/val2017/000000000802.jpg")
-    expected = httpx.post(f"{served}/v1/chat/completions", timeout=120, json={
-        **image_chat("mm", data_uri(jpeg.read_bytes())), "max_tokens": 12}).json()["choices"][0]["message"]["content"]
+    expected = httpx.post(
+        f"{served}/v1/chat/completions",
+        timeout=120,
+        json={**image_chat("mm", data_uri(jpeg.read_bytes())), "max_tokens": 12},
+    ).json()["choices"][0]["message"]["content"]
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -301,8 +390,9 @@ def test_playground_sends_the_chosen_image_to_a_multimodal_adapter(trained, serv
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "12")
         page.click("#send")
-        page.wait_for_function("document.querySelector('#out-a .status').textContent.startsWith('done')",
-                               timeout=60_000)
+        page.wait_for_function(
+            "document.querySelector('#out-a .status').textContent.startsWith('done')", timeout=60_000
+        )
         assert not page.text_content("#out-a .error")
         shown = page.text_content("#out-a .text")
         page.screenshot(path=str(SHOTS / "image.png"))

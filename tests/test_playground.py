@@ -15,8 +15,16 @@ from tests.conftest import ROOT, SERVE_LIMIT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("PLAYGROUND_SHOTS", ROOT / "tests" / "artifacts" / "playground"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,7 @@ def test_model_list_loads(page, server):
 def test_an_instruction_streams_into_the_page(page, server):
     _open(page, server + "/")
     _ask(page, "alpha", "Tell me a story about a cat.")
-    page.wait_for_function("document.querySelector('#out-a .status').textContent.startsWith('done')",
-                           timeout=60_000)
+    page.wait_for_function("document.querySelector('#out-a .status').textContent.startsWith('done')", timeout=60_000)
     assert int(page.get_attribute("#out-a", "data-updates")) > 1  # streamed, not one block
     assert page.text_content("#out-a .text").strip()
     assert not page.text_content("#out-a .error")
@@ -79,11 +86,11 @@ def test_an_instruction_streams_into_the_page(page, server):
 def test_stop_cancels_the_generation_on_the_server(page, server):
     _open(page, server + "/")
     _ask(page, "stories260k", "Once upon a time", temperature="1", max_tokens=str(SERVE_LIMIT))
-    page.wait_for_function("/streaming \\((\\d{2,})/.test(document.querySelector('#out-a .status').textContent)",
-                           timeout=60_000)
+    page.wait_for_function(
+        "/streaming \\((\\d{2,})/.test(document.querySelector('#out-a .status').textContent)", timeout=60_000
+    )
     page.click("#stop")
-    page.wait_for_function("document.querySelector('#out-a .status').textContent.startsWith('stopped')",
-                           timeout=10_000)
+    page.wait_for_function("document.querySelector('#out-a .status').textContent.startsWith('stopped')", timeout=10_000)
     stopped_at = int(page.get_attribute("#out-a", "data-updates"))
     assert 0 < stopped_at < SERVE_LIMIT
     deadline = time.time() + 20
@@ -109,8 +116,9 @@ def test_with_a_key_the_page_asks_for_it_and_shows_the_401(page, server):
     assert "API key" in page.text_content("#key-reason")
     page.fill("#api-key", "wrong")
     page.click("#key-form button")
-    page.wait_for_function("document.querySelector('#key-reason').textContent.startsWith('Key refused')",
-                           timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('#key-reason').textContent.startsWith('Key refused')", timeout=30_000
+    )
     assert "invalid API key" in page.text_content("#key-reason")  # the API's own 401 message
     page.screenshot(path=str(SHOTS / "wrong-key.png"))
     page.fill("#api-key", "sekrit")
@@ -127,8 +135,9 @@ def test_side_by_side_shows_base_and_adapter_differ(page, server):
     page.select_option("#model-b", "alpha")
     _ask(page, "stories260k", "Tell me a story.")
     for which in ("a", "b"):
-        page.wait_for_function(f"document.querySelector('#out-{which} .status').textContent.startsWith('done')",
-                               timeout=60_000)
+        page.wait_for_function(
+            f"document.querySelector('#out-{which} .status').textContent.startsWith('done')", timeout=60_000
+        )
     base, adapted = page.text_content("#out-a .text"), page.text_content("#out-b .text")
     assert base.strip() and adapted.strip() and base != adapted
     page.screenshot(path=str(SHOTS / "side-by-side.png"))

@@ -19,8 +19,10 @@ ALPACA_SHA256 = "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a41
 def _cfg(source, out, tokenizer="tokenizer.model", **kw):
     """The LLaMA tokenizer (32,000 pieces) with a random base of the 7B shape: only its context
     (2,048) and vocabulary matter to preprocessing; no weights are read."""
-    return PreprocessConfig(model={"preset": "llama-7b", "tokenizer": str(shared_file(tokenizer))},
-                            data=DataConfig(source=str(source), out=str(out), **kw))
+    return PreprocessConfig(
+        model={"preset": "llama-7b", "tokenizer": str(shared_file(tokenizer))},
+        data=DataConfig(source=str(source), out=str(out), **kw),
+    )
 
 
 def _all_rows(out):
@@ -53,8 +55,9 @@ def test_full_alpaca_every_record_is_accounted_for(ray_cluster, tmp_path):
     train, val = read_split(tmp_path / "full", "train"), read_split(tmp_path / "full", "val")
     assert train.num_rows == stats["train_records"] and val.num_rows == stats["val_records"]
     assert train.num_rows + val.num_rows == stats["records_written"]
-    tokens = sum(pq.read_table(f).column("num_tokens").to_numpy().sum()
-                 for f in (tmp_path / "full").glob("*/*.parquet"))
+    tokens = sum(
+        pq.read_table(f).column("num_tokens").to_numpy().sum() for f in (tmp_path / "full").glob("*/*.parquet")
+    )
     assert tokens == stats["total_tokens"]
     assert stats["truncated"] == sum(train.column("truncated").to_pylist()) + sum(val.column("truncated").to_pylist())
     assert 100 < stats["token_length"]["mean"] < 160
@@ -86,8 +89,10 @@ def test_output_is_deterministic_for_a_seed(first200, tmp_path):
     src, out, _ = first200
     run(_cfg(src, tmp_path / "again", val_fraction=0.1))
     assert _all_rows(tmp_path / "again") == _all_rows(out)
-    assert read_split(tmp_path / "again", "val").column("idx").to_pylist() == \
-        read_split(out, "val").column("idx").to_pylist()
+    assert (
+        read_split(tmp_path / "again", "val").column("idx").to_pylist()
+        == read_split(out, "val").column("idx").to_pylist()
+    )
 
 
 def test_truncation_at_a_small_max_seq_len(ray_cluster, tmp_path):
@@ -119,8 +124,15 @@ def test_each_bad_record_is_counted_and_set_aside(ray_cluster, tmp_path):
     src = tmp_path / "bad.jsonl"
     src.write_text("\n".join(lines) + "\n")
     stats = run(_cfg(src, tmp_path / "out", val_fraction=0.0))
-    expected = {"invalid_json": 1, "not_an_object": 1, "missing_field": 1, "extra_field": 1,
-                "non_string_field": 1, "empty_instruction": 1, "empty_output": 1}
+    expected = {
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "missing_field": 1,
+        "extra_field": 1,
+        "non_string_field": 1,
+        "empty_instruction": 1,
+        "empty_output": 1,
+    }
     assert stats["rejected_by_reason"] == expected
     assert stats["records_written"] == 2
     rejects = [json.loads(x) for x in open(tmp_path / "out" / "rejects.jsonl")]

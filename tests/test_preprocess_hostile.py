@@ -22,8 +22,10 @@ GOOD2 = {"instruction": "Name a colour.", "input": "", "output": "Blue"}
 
 
 def _cfg(source, out, **kw):
-    return PreprocessConfig(model={"preset": "llama-7b", "tokenizer": str(shared_file("tokenizer.model"))},
-                            data=DataConfig(source=str(source), out=str(out), **{"val_fraction": 0.0, **kw}))
+    return PreprocessConfig(
+        model={"preset": "llama-7b", "tokenizer": str(shared_file("tokenizer.model"))},
+        data=DataConfig(source=str(source), out=str(out), **{"val_fraction": 0.0, **kw}),
+    )
 
 
 def _line(rec) -> bytes:
@@ -37,24 +39,44 @@ def _big_line() -> bytes:
 # name: (file bytes, records read, {reason: count}); every case also holds good records.
 HOSTILE = {
     # An escaped lone surrogate: json.loads accepts it; no UTF-8 text (tokenizer, parquet) can hold it.
-    "lone_surrogate_escape": (_line(GOOD) + b'\n{"instruction": "Smile.", "output": "\\ud83d"}\n' + _line(GOOD2),
-                              3, {"lone_surrogate": 1}),
+    "lone_surrogate_escape": (
+        _line(GOOD) + b'\n{"instruction": "Smile.", "output": "\\ud83d"}\n' + _line(GOOD2),
+        3,
+        {"lone_surrogate": 1},
+    ),
     # Raw U+2028 / U+2029 / U+0085 are legal inside JSON strings; str.splitlines split them.
-    "unicode_line_separators": (json.dumps({"instruction": "Join\u2028these\u2029lines\u0085.", "output": "ok"},
-                                           ensure_ascii=False).encode() + b"\n" + _line(GOOD), 2, {}),
+    "unicode_line_separators": (
+        json.dumps({"instruction": "Join\u2028these\u2029lines\u0085.", "output": "ok"}, ensure_ascii=False).encode()
+        + b"\n"
+        + _line(GOOD),
+        2,
+        {},
+    ),
     "utf8_bom_json_array": (b"\xef\xbb\xbf" + json.dumps([GOOD, GOOD2], indent=2).encode(), 2, {}),
     "utf8_bom_json_lines": (b"\xef\xbb\xbf" + _line(GOOD) + b"\n" + _line(GOOD2) + b"\n", 2, {}),
     "crlf_json_lines": (_line(GOOD) + b"\r\n" + _line(GOOD2) + b"\r\n\r\n", 2, {}),
     "crlf_json_array": (json.dumps([GOOD, GOOD2], indent=2).replace("\n", "\r\n").encode(), 2, {}),
     "50mb_single_line": (_line(GOOD) + b"\n" + _big_line() + b"\n" + _line(GOOD2) + b"\n", 3, {"record_too_large": 1}),
-    "truncated_last_line": (_line(GOOD) + b"\n" + _line(GOOD2) + b'\n{"instruction": "Cut', 3,
-                            {"truncated_last_line": 1}),
-    "non_utf8_bytes": (_line(GOOD) + b'\n{"instruction": "caf\xe9", "output": "x"}\n' + _line(GOOD2), 3,
-                       {"invalid_utf8": 1}),
-    "lone_surrogate_in_json_array": (b'[' + _line(GOOD) + b', {"instruction": "a", "output": "\\udc00"}]', 2,
-                                     {"lone_surrogate": 1}),
-    "bad_elements_in_json_array": (b'[' + _line(GOOD) + b', {"instruction": tru}, ' + _line(GOOD2) + b',]', 4,
-                                   {"invalid_json": 2}),
+    "truncated_last_line": (
+        _line(GOOD) + b"\n" + _line(GOOD2) + b'\n{"instruction": "Cut',
+        3,
+        {"truncated_last_line": 1},
+    ),
+    "non_utf8_bytes": (
+        _line(GOOD) + b'\n{"instruction": "caf\xe9", "output": "x"}\n' + _line(GOOD2),
+        3,
+        {"invalid_utf8": 1},
+    ),
+    "lone_surrogate_in_json_array": (
+        b"[" + _line(GOOD) + b', {"instruction": "a", "output": "\\udc00"}]',
+        2,
+        {"lone_surrogate": 1},
+    ),
+    "bad_elements_in_json_array": (
+        b"[" + _line(GOOD) + b', {"instruction": tru}, ' + _line(GOOD2) + b",]",
+        4,
+        {"invalid_json": 2},
+    ),
 }
 
 
@@ -94,24 +116,42 @@ def test_the_split_is_the_same_for_a_json_array_json_lines_and_parquet_shards(ra
     shards = tmp_path / "shards"
     shards.mkdir()
     for k in range(4):  # the Hugging Face layout: an extra `text` column, which is not part of a record
-        part = records[k * 50:(k + 1) * 50]
-        pq.write_table(pa.table({"instruction": [r["instruction"] for r in part], "input": [r["input"] for r in part],
-                                 "output": [r["output"] for r in part], "text": ["formatted"] * len(part)}),
-                       shards / f"train-{k:05d}-of-00004.parquet")
+        part = records[k * 50 : (k + 1) * 50]
+        pq.write_table(
+            pa.table(
+                {
+                    "instruction": [r["instruction"] for r in part],
+                    "input": [r["input"] for r in part],
+                    "output": [r["output"] for r in part],
+                    "text": ["formatted"] * len(part),
+                }
+            ),
+            shards / f"train-{k:05d}-of-00004.parquet",
+        )
     with gzip.open(tmp_path / "data.jsonl.gz", "wt") as f:
         f.write((tmp_path / "data.jsonl").read_text())
     splits = {}
-    for name, source in [("array", src), ("lines", tmp_path / "data.jsonl"), ("gzip", tmp_path / "data.jsonl.gz"),
-                         ("folder", shards), ("glob", shards / "*.parquet"), ("uri", f"file://{shards}/train-*")]:
+    for name, source in [
+        ("array", src),
+        ("lines", tmp_path / "data.jsonl"),
+        ("gzip", tmp_path / "data.jsonl.gz"),
+        ("folder", shards),
+        ("glob", shards / "*.parquet"),
+        ("uri", f"file://{shards}/train-*"),
+    ]:
         stats = run(_cfg(source, tmp_path / name, val_fraction=0.2))
         assert (stats["records_read"], stats["records_written"]) == (200, 200)
-        splits[name] = {split: sorted(tuple(ids) for ids in read_split(tmp_path / name, split).column("input_ids")
-                                      .to_pylist()) for split in ("train", "val")}
+        splits[name] = {
+            split: sorted(tuple(ids) for ids in read_split(tmp_path / name, split).column("input_ids").to_pylist())
+            for split in ("train", "val")
+        }
     assert 20 < len(splits["array"]["val"]) < 60
     assert splits["array"] == splits["lines"] == splits["gzip"] == splits["folder"] == splits["glob"] == splits["uri"]
     # Parquet ids: file number << 40 | row number, unique and in file order.
-    ids = sorted(read_split(tmp_path / "folder", "train").column("idx").to_pylist()
-                 + read_split(tmp_path / "folder", "val").column("idx").to_pylist())
+    ids = sorted(
+        read_split(tmp_path / "folder", "train").column("idx").to_pylist()
+        + read_split(tmp_path / "folder", "val").column("idx").to_pylist()
+    )
     assert ids == [(k << FILE_SHIFT) + i for k in range(4) for i in range(50)]
 
 
@@ -119,8 +159,9 @@ def test_limit_takes_the_first_records_across_files_in_order(ray_cluster, tmp_pa
     shards = tmp_path / "shards"
     shards.mkdir()
     for k in range(3):
-        (shards / f"part-{k}.jsonl").write_text("".join(json.dumps({**GOOD, "output": f"{k}-{i}"}) + "\n"
-                                                        for i in range(30)))
+        (shards / f"part-{k}.jsonl").write_text(
+            "".join(json.dumps({**GOOD, "output": f"{k}-{i}"}) + "\n" for i in range(30))
+        )
     stats = run(_cfg(shards, tmp_path / "out", limit=40))
     assert stats["records_read"] == 40
     ids = sorted(read_split(tmp_path / "out", "train").column("idx").to_pylist())
@@ -149,8 +190,9 @@ def test_folder_fingerprint_follows_its_listing(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stats.json").write_text(json.dumps({"fingerprint": fp}))
     (shards / "part-1.jsonl").write_text(json.dumps(GOOD2) + "\n")  # rewritten: size and mtime change
-    assert [c.split(":")[0] for c in changed_settings(tmp_path / "out", fingerprint(cfg, fetch(str(shards))))] \
-        == ["source_sha256"]
+    assert [c.split(":")[0] for c in changed_settings(tmp_path / "out", fingerprint(cfg, fetch(str(shards))))] == [
+        "source_sha256"
+    ]
     with pytest.raises(DataSourceError, match="checks one file"):
         fetch(str(shards), "0" * 64)
     with pytest.raises(DataSourceError, match="no data files"):
@@ -158,8 +200,15 @@ def test_folder_fingerprint_follows_its_listing(tmp_path):
 
 
 # --- the byte scanners, without Ray, with chunks small enough to cut every token ---------------------
-TRICKY = [GOOD, {"instruction": 'quote " and \\ backslash, [brackets] {braces}', "input": "a,b", "output": "\\"},
-          {"instruction": "nested", "output": "x", "more": [{"a": [1, {"b": "]}"}]}]}, "a string", 3, [], {}]
+TRICKY = [
+    GOOD,
+    {"instruction": 'quote " and \\ backslash, [brackets] {braces}', "input": "a,b", "output": "\\"},
+    {"instruction": "nested", "output": "x", "more": [{"a": [1, {"b": "]}"}]}]},
+    "a string",
+    3,
+    [],
+    {},
+]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])

@@ -17,10 +17,15 @@ def test_plain_lines_show_step_loss_throughput_and_eta(tmp_path):
     _write(metrics, [{"kind": "train", "step": 99, "loss": 9.0, "tokens_per_s": 1.0}])  # an earlier run's row
     out = io.StringIO()
     progress = TrainingProgress(metrics, stream=out, every_s=0.0, tty=False)
-    _write(metrics, [{"kind": "start", "step": 0, "total_steps": 10},
-                     {"kind": "val", "step": 0, "val_loss": 4.5},
-                     {"kind": "train", "step": 1, "loss": 4.25, "tokens_per_s": 1234.0, "mfu": None},
-                     {"kind": "train", "step": 2, "loss": 4.0, "tokens_per_s": 2345.0, "mfu": 0.31}])
+    _write(
+        metrics,
+        [
+            {"kind": "start", "step": 0, "total_steps": 10},
+            {"kind": "val", "step": 0, "val_loss": 4.5},
+            {"kind": "train", "step": 1, "loss": 4.25, "tokens_per_s": 1234.0, "mfu": None},
+            {"kind": "train", "step": 2, "loss": 4.0, "tokens_per_s": 2345.0, "mfu": 0.31},
+        ],
+    )
     with open(metrics, "a") as f:
         f.write('{"kind": "train", "st')  # a half-written line is left for the next poll
     progress.poll()
@@ -34,8 +39,13 @@ def test_a_terminal_gets_a_progress_bar(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     out = io.StringIO()
     with TrainingProgress(metrics, stream=out, tty=True):
-        _write(metrics, [{"kind": "start", "step": 3, "total_steps": 8},
-                         {"kind": "train", "step": 4, "loss": 1.5, "tokens_per_s": 10.0}])
+        _write(
+            metrics,
+            [
+                {"kind": "start", "step": 3, "total_steps": 8},
+                {"kind": "train", "step": 4, "loss": 1.5, "tokens_per_s": 10.0},
+            ],
+        )
     text = out.getvalue()
     assert "4/8" in text and "loss=1.5000" in text
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from adapter.adapter import AdaptedLlama, AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import load_adapter, read_metadata, save_adapter
-from adapter.generation import SamplingParams, generate
+from adapter.decoding import SamplingParams, generate
 from adapter.loader import load_model
 from adapter.quantize import BLOCK_LINEARS, is_quantized, quantize_base, weight_bytes
 from adapter.settings import ModelConfig, ModelSource, load_config
@@ -75,8 +75,11 @@ def test_loader_quantizes_only_the_block_linears(stories, mode):
     # The working dtype is still what the base reports (the adapter casts its prompts to it).
     assert base.layers[0].attention.wk.weight.dtype == torch.float32
     linear_fp32 = sum(plain.layers[0].get_submodule(p).weight.numel() * 4 for p in BLOCK_LINEARS)
-    linear_q = weight_bytes(base.layers[0]) - weight_bytes(base.layers[0].attention_norm) \
+    linear_q = (
+        weight_bytes(base.layers[0])
+        - weight_bytes(base.layers[0].attention_norm)
         - weight_bytes(base.layers[0].ffn_norm)
+    )
     assert linear_q < linear_fp32 / {"int8": 3.5, "int4": 5.5}[mode]
 
 
@@ -176,8 +179,22 @@ def test_int8_stories260k_writes_the_same_story_greedily(stories):
 def test_generate_cli_takes_quantize(stories, capsys):
     from adapter.generate import main
 
-    out = main(["--base", stories.base, "--tokenizer", stories.tokenizer, "--prompt", "Once upon a time",
-                "--temperature", "0", "--max-gen-len", "8", "--quantize", "int4"])
+    out = main(
+        [
+            "--base",
+            stories.base,
+            "--tokenizer",
+            stories.tokenizer,
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "0",
+            "--max-gen-len",
+            "8",
+            "--quantize",
+            "int4",
+        ]
+    )
     assert len(out) == 1 and out[0].strip()
     with pytest.raises(SystemExit):
         main(["--base", stories.base, "--tokenizer", stories.tokenizer, "--prompt", "x", "--quantize", "int2"])

@@ -8,42 +8,66 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.scienceqa import accuracy, answer_text, check_problem, classes_of, format_problem, markdown_table, parse_answer
+from pipelines.scienceqa import (
+    accuracy,
+    answer_text,
+    check_problem,
+    classes_of,
+    format_problem,
+    markdown_table,
+    parse_answer,
+)
 from tests.conftest import shared_file
-from tests.test_vision import png
+from tests.test_image_encoder import png
 
 
 def _problem(subject="natural science", grade="grade3", hint="", image=None, answer=1, n=3):
-    return {"question": "Which is it?", "choices": [f"c{i}" for i in range(n)], "answer": answer, "hint": hint,
-            "image": image, "subject": subject, "grade": grade}
+    return {
+        "question": "Which is it?",
+        "choices": [f"c{i}" for i in range(n)],
+        "answer": answer,
+        "hint": hint,
+        "image": image,
+        "subject": subject,
+        "grade": grade,
+    }
 
 
 def test_problem_text_is_scienceqas_question_context_options_format():
     p = _problem(hint="Read the text.")
-    assert format_problem(p) == ("Question: Which is it?\nContext: Read the text.\n"
-                                 "Options: (A) c0 (B) c1 (C) c2\nAnswer:")
+    assert format_problem(p) == (
+        "Question: Which is it?\nContext: Read the text.\nOptions: (A) c0 (B) c1 (C) c2\nAnswer:"
+    )
     assert "Context: N/A\n" in format_problem(_problem())
     assert answer_text(p) == "The answer is (B)."
 
 
-@pytest.mark.parametrize("text, n, expected", [
-    ("The answer is (B).", 3, ("B", "ok")),
-    ("the answer is (c).", 3, ("C", "ok")),
-    ("Let me think. The answer is A. Because the sun.", 2, ("A", "ok")),
-    ("THE ANSWER IS ( b ) and then The answer is (A).", 3, ("B", "ok")),
-    ("The answer is (E).", 3, ("E", "out_of_range")),
-    ("Once upon a time there was a cat.", 4, (None, "no_answer")),
-    ("The answer is Because", 4, (None, "no_answer")),
-    ("", 2, (None, "no_answer")),
-    ("\x00\ufffd)(((", 2, (None, "no_answer")),
-])
+@pytest.mark.parametrize(
+    "text, n, expected",
+    [
+        ("The answer is (B).", 3, ("B", "ok")),
+        ("the answer is (c).", 3, ("C", "ok")),
+        ("Let me think. The answer is A. Because the sun.", 2, ("A", "ok")),
+        ("THE ANSWER IS ( b ) and then The answer is (A).", 3, ("B", "ok")),
+        ("The answer is (E).", 3, ("E", "out_of_range")),
+        ("Once upon a time there was a cat.", 4, (None, "no_answer")),
+        ("The answer is Because", 4, (None, "no_answer")),
+        ("", 2, (None, "no_answer")),
+        ("\x00\ufffd)(((", 2, (None, "no_answer")),
+    ],
+)
 def test_answer_parser(text, n, expected):
     assert parse_answer(text, n) == expected
 
 
 def test_classes_follow_table_2():
     assert classes_of(_problem()) == ["NAT", "NO", "G1-6"]
-    assert classes_of(_problem("social science", "grade7", hint="h", image="image.png")) == ["SOC", "TXT", "IMG", "G7-12"]
+    assert classes_of(_problem("social science", "grade7", hint="h", image="image.png")) == [
+        "SOC",
+        "TXT",
+        "IMG",
+        "G7-12",
+    ]
     assert classes_of(_problem("language science", "grade12", hint="h")) == ["LAN", "TXT", "G7-12"]
 
 
@@ -63,8 +87,17 @@ def test_per_class_accuracy_is_exact_on_a_fixture_with_known_answers():
         assert correct == want
         rows.append({"classes": classes_of(p), "correct": correct})
     acc = accuracy(rows)
-    expected = {"NAT": (1, 2), "SOC": (1, 2), "LAN": (1, 2), "TXT": (2, 3), "IMG": (2, 2), "NO": (0, 2),
-                "G1-6": (2, 3), "G7-12": (1, 3), "Avg": (3, 6)}
+    expected = {
+        "NAT": (1, 2),
+        "SOC": (1, 2),
+        "LAN": (1, 2),
+        "TXT": (2, 3),
+        "IMG": (2, 2),
+        "NO": (0, 2),
+        "G1-6": (2, 3),
+        "G7-12": (1, 3),
+        "Avg": (3, 6),
+    }
     assert {k: (v["correct"], v["total"]) for k, v in acc.items()} == expected
     assert acc["TXT"]["accuracy"] == 66.67 and acc["NO"]["accuracy"] == 0.0 and acc["Avg"]["accuracy"] == 50.0
     table = markdown_table(acc, "fixture")
@@ -91,8 +124,9 @@ def draw_images(problems_dir, out_images, splits=("train", "val", "test"), limit
             if problems[pid].get("image"):
                 d = out_images / split / pid
                 d.mkdir(parents=True, exist_ok=True)
-                (d / problems[pid]["image"]).write_bytes(b"\x89PNG broken" if pid == corrupt else
-                                                         png((k * 37 % 256, 90, 160), pattern=k % 20))
+                (d / problems[pid]["image"]).write_bytes(
+                    b"\x89PNG broken" if pid == corrupt else png((k * 37 % 256, 90, 160), pattern=k % 20)
+                )
                 drawn += 1
     return drawn
 
@@ -109,10 +143,14 @@ def test_preprocessing_the_official_layout_with_ray_data(ray_cluster, tmp_path):
     missing = with_image[1]
     (tmp_path / "images" / "train" / missing / "image.png").unlink()
     stories = shared_file("stories260K/params.json").parent
-    cfg = TrainConfig.model_validate({
-        "task": "scienceqa", "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
-        "data": {"source": str(src), "out": str(tmp_path / "out"), "max_seq_len": 512, "limit": 30},
-        "scienceqa": {"images": str(tmp_path / "images")}})
+    cfg = TrainConfig.model_validate(
+        {
+            "task": "scienceqa",
+            "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model")},
+            "data": {"source": str(src), "out": str(tmp_path / "out"), "max_seq_len": 512, "limit": 30},
+            "scienceqa": {"images": str(tmp_path / "images")},
+        }
+    )
     stats = run(cfg)
     assert stats["records_read"] == 60
     assert stats["rejected_by_reason"].get("image_corrupt") == 1 and stats["rejected_by_reason"]["image_missing"] == 1
@@ -122,6 +160,7 @@ def test_preprocessing_the_official_layout_with_ray_data(ray_cluster, tmp_path):
     train = pq.read_table(tmp_path / "out" / "train").to_pylist()
     by_key = {r["key"]: r for r in train}
     from adapter.tokenizer import Tokenizer
+
     tok = Tokenizer(stories / "tokenizer.model")
     key = next(k for k in splits["train"] if k in by_key and problems[k]["image"])
     first, p = by_key[key], problems[key]

@@ -10,7 +10,7 @@ import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import AdapterFileError, save_adapter
-from adapter.config import preset
+from adapter.model_args import preset
 from serve.adapters import AdapterStore, InvalidAdapterName, UnknownAdapter
 
 
@@ -27,9 +27,9 @@ def _raw(path, header: dict, data: bytes = b""):
 @pytest.fixture
 def root(tmp_path, tiny_model):
     args = tiny_model.args
-    _save(args, tmp_path / "run-a" / "adapter")          # a training run: <name>/adapter/adapter.safetensors
-    _save(args, tmp_path / "exported")                    # <name>/adapter.safetensors
-    _save(args, tmp_path / "flat.safetensors")            # <name>.safetensors
+    _save(args, tmp_path / "run-a" / "adapter")  # a training run: <name>/adapter/adapter.safetensors
+    _save(args, tmp_path / "exported")  # <name>/adapter.safetensors
+    _save(args, tmp_path / "flat.safetensors")  # <name>.safetensors
     _save(args, tmp_path / "big", k=50)
     _save(preset("tiny").__class__(**{**preset("tiny").__dict__, "dim": 32}), tmp_path / "otherbase")
     meta = {"format": "llama-adapter", "base_shape": json.dumps({})}
@@ -58,11 +58,20 @@ def test_every_layout_is_listed_and_served(root, tiny_model):
         assert set(store.get(name).prefixes) == {2, 3}
 
 
-@pytest.mark.parametrize("name,needle", [
-    ("badjson", "bad adapter metadata"), ("nokey", "lacks"), ("unknownkey", "colour"), ("lenzero", "adapter_len"),
-    ("listheader", "not a JSON object"), ("pickle", "pickle"), ("truncated", "truncated"), ("nan", "NaN"),
-    ("otherbase", "different base"),
-])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("badjson", "bad adapter metadata"),
+        ("nokey", "lacks"),
+        ("unknownkey", "colour"),
+        ("lenzero", "adapter_len"),
+        ("listheader", "not a JSON object"),
+        ("pickle", "pickle"),
+        ("truncated", "truncated"),
+        ("nan", "NaN"),
+        ("otherbase", "different base"),
+    ],
+)
 def test_malformed_adapter_files_are_named_without_server_paths(root, tiny_model, name, needle):
     store = AdapterStore(str(root), tiny_model)
     with pytest.raises(AdapterFileError) as e:
@@ -98,7 +107,7 @@ def test_size_cap_and_lru_and_names(root, tiny_model):
 
 
 def test_images_are_offered_only_where_the_adapter_and_the_servers_encoder_match(tmp_path, tiny_model):
-    from adapter.vision import VisualProjection
+    from adapter.image_encoder import VisualProjection
 
     args = tiny_model.args
     clip = {"name": "tiny-clip", "sha256": "ab" * 32, "feature_layers": [1, 3]}

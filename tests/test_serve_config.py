@@ -5,9 +5,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from adapter.generation import SamplingParams
+from adapter.decoding import SamplingParams
 from adapter.settings import ROOT_ENV, ModelSource
-from serve.config import ServeConfig, serve_config
+from serve.serve_config import ServeConfig, serve_config
 from tests.conftest import ROOT
 
 MODEL = {"base": "../shared/data/stories260K", "tokenizer": "../shared/data/stories260K/tokenizer.model"}
@@ -21,8 +21,17 @@ def test_sections_are_adapters_own_types_with_their_defaults():
 
 
 def test_dotted_command_line_args_are_read_as_yaml_scalars():
-    cfg = serve_config({"model.base": "/m", "model.tokenizer": "/t.model", "model.dtype": "bfloat16",
-                        "sampling.temperature": "0", "max_n": "2", "api_key_env": "KEY", "adapters": "runs"})
+    cfg = serve_config(
+        {
+            "model.base": "/m",
+            "model.tokenizer": "/t.model",
+            "model.dtype": "bfloat16",
+            "sampling.temperature": "0",
+            "max_n": "2",
+            "api_key_env": "KEY",
+            "adapters": "runs",
+        }
+    )
     assert cfg.model.base == "/m" and cfg.model.dtype == "bfloat16"
     assert cfg.sampling.temperature == 0.0 and cfg.max_n == 2 and cfg.adapters == "runs"
 
@@ -35,12 +44,15 @@ def test_config_file_is_overridden_by_nested_then_dotted_args(tmp_path):
     assert (cfg.sampling.top_p, cfg.sampling.temperature, cfg.sampling.max_gen_len) == (0.5, 0.3, 9)
 
 
-@pytest.mark.parametrize("args", [
-    {"model": MODEL, "max_batch_szie": 4},                       # a typo is an error, not a default
-    {"model": MODEL, "sampling": {"temperature": float("nan")}},  # SamplingParams' own checks
-    {"model": {"tokenizer": "t.model"}},                          # no base and no preset
-    {"base": "/m", "tokenizer": "/t"},                            # the old flat keys
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"model": MODEL, "max_batch_szie": 4},  # a typo is an error, not a default
+        {"model": MODEL, "sampling": {"temperature": float("nan")}},  # SamplingParams' own checks
+        {"model": {"tokenizer": "t.model"}},  # no base and no preset
+        {"base": "/m", "tokenizer": "/t"},  # the old flat keys
+    ],
+)
 def test_bad_serve_config_is_refused(args):
     with pytest.raises(ValidationError):
         serve_config(args)

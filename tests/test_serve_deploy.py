@@ -18,7 +18,7 @@ import yaml
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import save_adapter
-from adapter.checkpoint import load_base
+from adapter.base_weights import load_base
 from tests.conftest import ROOT, shared_file
 from tests.ray_head import BIN, cli_env, free_ports
 
@@ -28,8 +28,14 @@ def local_cluster(ray_head_cluster):
     """The session's `ray start --head` cluster (shared with the job-submit tests); Serve is shut
     down on it when this module ends, so no replica idles through the rest of the suite."""
     yield ray_head_cluster
-    subprocess.run([str(BIN / "serve"), "shutdown", "--address", ray_head_cluster["dashboard"], "--yes"],
-                   cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [str(BIN / "serve"), "shutdown", "--address", ray_head_cluster["dashboard"], "--yes"],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +72,25 @@ def _answers_models_and_chat(url: str, dashboard: str) -> None:
         assert time.time() < deadline, f"serve deploy did not answer within 150 s: {app}"
         time.sleep(2)
     assert [m["id"] for m in r.json()["data"]] == ["stories260k", "tiny-run"]
-    chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": "tiny-run", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8})
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "tiny-run", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8},
+    )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
 
 
 def test_serve_deploy_local_yaml_answers_over_http(local_cluster, local_yaml):
     path, url = local_yaml
-    out = subprocess.run([str(BIN / "serve"), "deploy", "--address", local_cluster["dashboard"], str(path)],
-                         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(BIN / "serve"), "deploy", "--address", local_cluster["dashboard"], str(path)],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     _answers_models_and_chat(url, local_cluster["dashboard"])
 
@@ -83,10 +98,22 @@ def test_serve_deploy_local_yaml_answers_over_http(local_cluster, local_yaml):
 def test_serve_run_local_yaml_answers_over_http(local_cluster, local_yaml):
     path, url = local_yaml
     env = cli_env()
-    down = subprocess.run([str(BIN / "serve"), "shutdown", "--address", local_cluster["dashboard"], "--yes"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    down = subprocess.run(
+        [str(BIN / "serve"), "shutdown", "--address", local_cluster["dashboard"], "--yes"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert down.returncode == 0, down.stderr[-2000:]
-    out = subprocess.run([str(BIN / "serve"), "run", "--non-blocking", "--address", local_cluster["gcs"], str(path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [str(BIN / "serve"), "run", "--non-blocking", "--address", local_cluster["gcs"], str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     _answers_models_and_chat(url, local_cluster["dashboard"])

@@ -19,19 +19,22 @@ def test_a_data_uri_gives_its_bytes():
     assert image_bytes(uri(b"x", "data:image/jpeg;name=a.jpg;base64,"), 100) == b"x"
 
 
-@pytest.mark.parametrize("url, message", [
-    ("https://example.com/a.png", "remote image URLs are not fetched"),
-    ("HTTP://169.254.169.254/latest", "remote image URLs are not fetched"),
-    ("file:///etc/passwd", "remote image URLs are not fetched"),
-    ("/etc/passwd", "must be a data URI"),
-    ("data:image/png,rawbytes", "must be base64-encoded"),
-    ("data:text/plain;base64,aGk=", "not image/*"),
-    ("data:;base64,aGk=", "not image/*"),
-    ("data:image/png;base64,a b", "not valid base64"),
-    ("data:image/png;base64,", "holds no image"),
-    (uri(b"\0" * 101), "larger than this server's limit of 100 bytes"),
-    ("data:image/png;base64," + "A" * 10**6, "larger than this server's limit"),  # refused before decoding
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("https://example.com/a.png", "remote image URLs are not fetched"),
+        ("HTTP://169.254.169.254/latest", "remote image URLs are not fetched"),
+        ("file:///etc/passwd", "remote image URLs are not fetched"),
+        ("/etc/passwd", "must be a data URI"),
+        ("data:image/png,rawbytes", "must be base64-encoded"),
+        ("data:text/plain;base64,aGk=", "not image/*"),
+        ("data:;base64,aGk=", "not image/*"),
+        ("data:image/png;base64,a b", "not valid base64"),
+        ("data:image/png;base64,", "holds no image"),
+        (uri(b"\0" * 101), "larger than this server's limit of 100 bytes"),
+        ("data:image/png;base64," + "A" * 10**6, "larger than this server's limit"),  # refused before decoding
+    ],
+)
 def test_bad_image_urls_are_refused_by_reason(url, message):
     with pytest.raises(ImageRequestError, match=message):
         image_bytes(url, 100)
@@ -42,9 +45,17 @@ def chat(*contents) -> ChatRequest:
 
 
 def test_content_parts_render_as_text_and_yield_the_one_image():
-    req = chat(("system", "be brief"), ("user", [{"type": "text", "text": "Describe"},
-                                                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
-                                                 {"type": "text", "text": "this."}]))
+    req = chat(
+        ("system", "be brief"),
+        (
+            "user",
+            [
+                {"type": "text", "text": "Describe"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                {"type": "text", "text": "this."},
+            ],
+        ),
+    )
     assert chat_image(req.messages) == "data:image/png;base64,AA=="
     assert render_chat(req.messages) == render_chat(chat(("system", "be brief"), ("user", "Describe\nthis.")).messages)
     assert render_chat(req.messages, "raw") == "Describe\nthis."
@@ -59,12 +70,15 @@ def test_more_than_one_image_or_one_outside_a_user_message_is_refused():
         chat_image(chat(("system", [part]), ("user", "hi")).messages)
 
 
-@pytest.mark.parametrize("content", [
-    [{"type": "input_audio", "input_audio": {}}],
-    [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA==", "detail": "extreme"}}],
-    [{"type": "text"}],
-    [{"type": "text", "text": "\ud800"}],
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "input_audio", "input_audio": {}}],
+        [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA==", "detail": "extreme"}}],
+        [{"type": "text"}],
+        [{"type": "text", "text": "\ud800"}],
+    ],
+)
 def test_malformed_content_parts_fail_validation(content):
     with pytest.raises(ValueError):
         chat(("user", content))
@@ -76,7 +90,7 @@ def test_an_extreme_strip_is_refused_before_preprocessing_blows_it_up():
 
     from PIL import Image
 
-    from adapter.vision import ImageError, decode_image
+    from adapter.image_encoder import ImageError, decode_image
 
     buf = io.BytesIO()
     Image.new("RGB", (1, 5000)).save(buf, format="PNG")

@@ -26,7 +26,7 @@ def test_stop_string_cuts_the_text_and_streamed_equals_whole():
     ids = tok.encode(text, bos=False)
     whole = tok.decode(ids)
     streamed, ts = _stream(tok, ids, ["little dog"])
-    assert ts.stopped and streamed == whole[:whole.index("little dog")]
+    assert ts.stopped and streamed == whole[: whole.index("little dog")]
     streamed, ts = _stream(tok, ids, ["zebra"])
     assert not ts.stopped and streamed == whole
 

@@ -22,16 +22,19 @@ def _load(name: str) -> dict:
 
 
 # --- the official metric -------------------------------------------------------------------------
-@pytest.mark.parametrize("text, normalized", [
-    ("The  Cat, sat!", "cat sat"),
-    ("an apple a day", "apple day"),
-    ("Theatre anthem", "theatre anthem"),       # articles only as whole words
-    ("the-end", "theend"),                      # punctuation goes first, so no article is left
-    ("A. B. Smith", "b smith"),                 # "A." becomes the article "a"
-    ("  Whale\toil.\n", "whale oil"),
-    ("café – 1,000", "café – 1000"),            # the en dash is not in string.punctuation
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, normalized",
+    [
+        ("The  Cat, sat!", "cat sat"),
+        ("an apple a day", "apple day"),
+        ("Theatre anthem", "theatre anthem"),  # articles only as whole words
+        ("the-end", "theend"),  # punctuation goes first, so no article is left
+        ("A. B. Smith", "b smith"),  # "A." becomes the article "a"
+        ("  Whale\toil.\n", "whale oil"),
+        ("café – 1,000", "café – 1000"),  # the en dash is not in string.punctuation
+        ("", ""),
+    ],
+)
 def test_normalize_answer_is_the_official_one(text, normalized):
     assert normalize_answer(text) == normalized
 
@@ -42,14 +45,17 @@ def test_exact_match_ignores_case_articles_punctuation_and_spacing():
     assert exact_match("small museums", "a small museum") == 0
 
 
-@pytest.mark.parametrize("prediction, gold, expected", [
-    ("the cat sat", "a cat sat down", 0.8),     # P = 2/2, R = 2/3: 2 * 1 * 2/3 / (5/3) = 4/5
-    ("paris paris paris", "paris", 0.5),        # overlap counted once: P = 1/3, R = 1: 2/3 / (4/3)
-    ("how far away", "how far away they are", 0.75),  # P = 1, R = 3/5: 1.2 / 1.6
-    ("Avery", "Thomas Avery", 2 / 3),           # P = 1, R = 1/2
-    ("red", "blue", 0.0),
-    ("The Cat.", "cat", 1.0),
-])
+@pytest.mark.parametrize(
+    "prediction, gold, expected",
+    [
+        ("the cat sat", "a cat sat down", 0.8),  # P = 2/2, R = 2/3: 2 * 1 * 2/3 / (5/3) = 4/5
+        ("paris paris paris", "paris", 0.5),  # overlap counted once: P = 1/3, R = 1: 2/3 / (4/3)
+        ("how far away", "how far away they are", 0.75),  # P = 1, R = 3/5: 1.2 / 1.6
+        ("Avery", "Thomas Avery", 2 / 3),  # P = 1, R = 1/2
+        ("red", "blue", 0.0),
+        ("The Cat.", "cat", 1.0),
+    ],
+)
 def test_f1_on_hand_worked_cases(prediction, gold, expected):
     assert f1(prediction, gold) == pytest.approx(expected)
     assert f1(prediction, gold, version_2=False) == pytest.approx(expected)
@@ -57,7 +63,7 @@ def test_f1_on_hand_worked_cases(prediction, gold, expected):
 
 def test_empty_answers_follow_each_script():
     # v2.0: an agreed no-answer is right, a one-sided one wrong
-    assert f1("", "") == 1.0 and f1("the", "") == 1.0    # "the" normalizes to nothing
+    assert f1("", "") == 1.0 and f1("the", "") == 1.0  # "the" normalizes to nothing
     assert f1("1989", "") == 0.0 and f1("", "1989") == 0.0
     # v1.1: F1 needs a shared token, so "" against "" is 0 while EM still matches
     assert f1("", "", version_2=False) == 0.0 and exact_match("", "") == 1
@@ -66,7 +72,7 @@ def test_empty_answers_follow_each_script():
 def test_v2_drops_gold_answers_that_normalize_to_nothing():
     qa = {"id": "q", "answers": [{"text": "The", "answer_start": 0}, {"text": "cat", "answer_start": 4}]}
     assert gold_texts(qa, version_2=True) == ["cat"] and gold_texts(qa, version_2=False) == ["The", "cat"]
-    assert score_question("", gold_texts(qa, True)) == (0, 0.0)    # "" would have matched "The"
+    assert score_question("", gold_texts(qa, True)) == (0, 0.0)  # "" would have matched "The"
     assert gold_texts({"id": "q", "answers": []}, version_2=True) == [""]
 
 
@@ -79,17 +85,17 @@ def test_max_over_gold_answers_takes_each_metric_on_its_own():
 
 
 PREDICTIONS = {
-    "lh-01": "1847",                 # EM 1, F1 1
-    "lh-02": "metres tall",          # EM 0, F1 0.8
-    "lh-03": "Whale oil.",           # EM 1, F1 1
-    "lh-04": "Avery",                # EM 0, F1 2/3 (0.4 against "The last keeper, Thomas Avery")
-    "lh-05": "the small museum",     # EM 1 with "a small museum"
+    "lh-01": "1847",  # EM 1, F1 1
+    "lh-02": "metres tall",  # EM 0, F1 0.8
+    "lh-03": "Whale oil.",  # EM 1, F1 1
+    "lh-04": "Avery",  # EM 0, F1 2/3 (0.4 against "The last keeper, Thomas Avery")
+    "lh-05": "the small museum",  # EM 1 with "a small museum"
     # "wd-01" missing: 0 and 0
-    "wd-02": "how far away",         # EM 0, F1 0.75
-    "sd-01": "",                     # an answerable question answered with nothing: 0 and 0
-    "lh-x1": "",                     # unanswerable, no answer: 1 and 1
-    "lh-x2": "red and white",        # unanswerable, answered: 0 and 0
-    "wd-x1": "",                     # 1 and 1
+    "wd-02": "how far away",  # EM 0, F1 0.75
+    "sd-01": "",  # an answerable question answered with nothing: 0 and 0
+    "lh-x1": "",  # unanswerable, no answer: 1 and 1
+    "lh-x2": "red and white",  # unanswerable, answered: 0 and 0
+    "wd-x1": "",  # 1 and 1
     # "sd-x1" missing: 0 and 0
     "not-in-file": "ignored",
 }
@@ -114,8 +120,12 @@ def test_v1_dataset_scores_and_counts_missing_as_wrong():
     assert result["exact"] == result["exact_match"] == pytest.approx(100 * 3 / 8)
     assert result["f1"] == pytest.approx(100 * HAS_ANS_F1 / 8)
     assert not any(k.startswith(("HasAns", "NoAns")) for k in result)
-    perfect = {qa["id"]: qa["answers"][0]["text"] for a in _load("v1.1-mini.json")["data"]
-               for p in a["paragraphs"] for qa in p["qas"]}
+    perfect = {
+        qa["id"]: qa["answers"][0]["text"]
+        for a in _load("v1.1-mini.json")["data"]
+        for p in a["paragraphs"]
+        for qa in p["qas"]
+    }
     assert score_dataset(_load("v1.1-mini.json"), perfect)["f1"] == 100.0
     assert score_dataset(_load("v1.1-mini.json"), {})["exact"] == 0.0
 
@@ -142,8 +152,11 @@ def test_fixtures_read_cleanly():
 
 def test_bad_records_are_rejects_with_reasons_never_errors():
     context = "Bees dance to show where the flowers are."
-    good = {"id": "ok", "question": "Why do bees dance?", "answers": [{"text": "to show where the flowers are",
-                                                                      "answer_start": 11}]}
+    good = {
+        "id": "ok",
+        "question": "Why do bees dance?",
+        "answers": [{"text": "to show where the flowers are", "answer_start": 11}],
+    }
     bad = [
         {"question": "No id?", "answers": []},
         {"id": "no-q", "answers": [{"text": "Bees", "answer_start": 0}]},
@@ -151,8 +164,11 @@ def test_bad_records_are_rejects_with_reasons_never_errors():
         {"id": "far", "question": "Where?", "answers": [{"text": "flowers", "answer_start": 400}]},
         {"id": "neg", "question": "Where?", "answers": [{"text": "flowers", "answer_start": -1}]},
         {"id": "shifted", "question": "What?", "answers": [{"text": "flowers", "answer_start": 3}]},
-        {"id": "one-bad-of-two", "question": "What?", "answers": [{"text": "flowers", "answer_start": 29},
-                                                                  {"text": "flowers", "answer_start": 30}]},
+        {
+            "id": "one-bad-of-two",
+            "question": "What?",
+            "answers": [{"text": "flowers", "answer_start": 29}, {"text": "flowers", "answer_start": 30}],
+        },
         {"id": "int-text", "question": "What?", "answers": [{"text": 7, "answer_start": 0}]},
         {"id": "int-question", "question": 7, "answers": [{"text": "Bees", "answer_start": 0}]},
         {"id": "blank", "question": "   ", "answers": [{"text": "Bees", "answer_start": 0}]},
@@ -163,13 +179,21 @@ def test_bad_records_are_rejects_with_reasons_never_errors():
         {"id": "both", "question": "What?", "is_impossible": True, "answers": [{"text": "Bees", "answer_start": 0}]},
         "not an object",
     ]
-    data = {"version": "v2.0", "data": [
-        {"title": "Bees", "paragraphs": [{"context": context, "qas": [good, *bad]},
-                                         {"context": "", "qas": [{"id": "ctx", "question": "Hm?", "answers": []}]},
-                                         {"context": context, "qas": "not a list"}]},
-        {"title": "No paragraphs"},
-        "not an article",
-    ]}
+    data = {
+        "version": "v2.0",
+        "data": [
+            {
+                "title": "Bees",
+                "paragraphs": [
+                    {"context": context, "qas": [good, *bad]},
+                    {"context": "", "qas": [{"id": "ctx", "question": "Hm?", "answers": []}]},
+                    {"context": context, "qas": "not a list"},
+                ],
+            },
+            {"title": "No paragraphs"},
+            "not an article",
+        ],
+    }
     snapshot = copy.deepcopy(data)
     examples, rejects = read_squad(data)
     assert data == snapshot
@@ -199,8 +223,10 @@ def test_bad_records_are_rejects_with_reasons_never_errors():
     ]
     assert all(r["detail"] for r in rejects)
     assert "reads 's dance'" in next(r["detail"] for r in rejects if r["id"] == "shifted")
-    assert read_squad({"version": "1.1"}) == ([], [{"id": None, "title": None, "reason": "missing_field",
-                                                     "detail": 'no "data" list'}])
+    assert read_squad({"version": "1.1"}) == (
+        [],
+        [{"id": None, "title": None, "reason": "missing_field", "detail": 'no "data" list'}],
+    )
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -216,13 +242,27 @@ def tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    bpe.post_processor = processors.RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")),
-                                                      trim_offsets=True, add_prefix_space=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                  cls_token="<s>", pad_token="<pad>", unk_token="<unk>")
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    bpe.post_processor = processors.RobertaProcessing(
+        ("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")), trim_offsets=True, add_prefix_space=False
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     pair = tok("How tall?", "The tower", return_offsets_mapping=True)
     assert pair.sequence_ids()[0] is None and 0 in pair.sequence_ids() and 1 in pair.sequence_ids()
     return tok
@@ -261,7 +301,7 @@ def test_training_labels_cover_exactly_the_gold_answer(tokenizer, v2_examples):
             assert (start, end) == (0, 0)
             continue
         assert 0 < start <= end and offsets[start] is not None and offsets[end] is not None
-        assert example["context"][offsets[start][0]:offsets[end][1]].lstrip() == example["answers"][0]
+        assert example["context"][offsets[start][0] : offsets[end][1]].lstrip() == example["answers"][0]
         labelled.add(example["id"])
     assert labelled == {e["id"] for e in v2_examples if not e["is_impossible"]}
     assert train["input_ids"][0, 0] == tokenizer.cls_token_id
@@ -285,8 +325,10 @@ def test_long_contexts_become_overlapping_windows(tokenizer, v2_examples):
 
 def test_features_take_a_dict_of_columns_too(tokenizer, v2_examples):
     columns = {k: [e[k] for e in v2_examples[:3]] for k in v2_examples[0]}
-    assert features_for_eval(columns, tokenizer, MAX_LEN, STRIDE)["example_id"] == \
-        features_for_eval(v2_examples[:3], tokenizer, MAX_LEN, STRIDE)["example_id"]
+    assert (
+        features_for_eval(columns, tokenizer, MAX_LEN, STRIDE)["example_id"]
+        == features_for_eval(v2_examples[:3], tokenizer, MAX_LEN, STRIDE)["example_id"]
+    )
     empty = features_for_training([], tokenizer, MAX_LEN, STRIDE)
     assert empty["input_ids"].shape == (0, MAX_LEN) and empty["example_id"] == []
 
@@ -297,8 +339,8 @@ def test_answer_token_span_stays_inside_the_context():
     sequence_ids = [None, 0, None, None, 1, 1, None, None]
     assert answer_token_span(offsets, sequence_ids, 5, 9) == (5, 5)
     assert answer_token_span(offsets, sequence_ids, 0, 9) == (4, 5)
-    assert answer_token_span(offsets, sequence_ids, 6, 8) == (5, 5)   # inside one token
-    assert answer_token_span(offsets, sequence_ids, 5, 12) is None    # runs past the window
+    assert answer_token_span(offsets, sequence_ids, 6, 8) == (5, 5)  # inside one token
+    assert answer_token_span(offsets, sequence_ids, 5, 12) is None  # runs past the window
 
 
 # --- logits to text ------------------------------------------------------------------------------
@@ -317,9 +359,13 @@ def _put_answer(evals, starts, ends, example, window_no=0, text=None, score=10.0
     windows that hold it."""
     text = text or example["answers"][0]
     c0 = example["context"].index(text)
-    holding = [k for k, qid in enumerate(evals["example_id"]) if qid == example["id"]
-               and [o for o in evals["offset_mapping"][k] if o is not None][0][0] <= c0
-               and [o for o in evals["offset_mapping"][k] if o is not None][-1][1] >= c0 + len(text)]
+    holding = [
+        k
+        for k, qid in enumerate(evals["example_id"])
+        if qid == example["id"]
+        and [o for o in evals["offset_mapping"][k] if o is not None][0][0] <= c0
+        and [o for o in evals["offset_mapping"][k] if o is not None][-1][1] >= c0 + len(text)
+    ]
     w = holding[window_no]
     offsets = evals["offset_mapping"][w]
     s, e = _token_of(offsets, c0), _token_of(offsets, c0 + len(text) - 1)
@@ -354,13 +400,13 @@ def test_v2_null_rule_both_ways(tokenizer, v2_examples):
     evals = features_for_eval([lh01], tokenizer, MAX_LEN, STRIDE)
     starts, ends = _noise_logits(evals)
     _put_answer(evals, starts, ends, lh01, score=10.0)  # span score 20
-    starts[:, 0] = ends[:, 0] = 12.0                    # null score 24 in every window
+    starts[:, 0] = ends[:, 0] = 12.0  # null score 24 in every window
     assert best_answers([lh01], evals, starts, ends, version_2=True) == {"lh-01": ""}
     assert best_answers([lh01], evals, starts, ends, version_2=False) == {"lh-01": "1847"}
     assert best_answers([lh01], evals, starts, ends, version_2=True, null_threshold=4.5) == {"lh-01": "1847"}
     assert best_answers([lh01], evals, starts, ends, version_2=True, null_threshold=3.5) == {"lh-01": ""}
     # the null score is the lowest over the windows: one window that sees no "no answer" decides it
-    starts[0, 0] = ends[0, 0] = 9.0                     # 18 < 20, and later windows do not undo it
+    starts[0, 0] = ends[0, 0] = 9.0  # 18 < 20, and later windows do not undo it
     assert best_answers([lh01], evals, starts, ends, version_2=True) == {"lh-01": "1847"}
 
 

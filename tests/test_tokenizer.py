@@ -20,7 +20,8 @@ def test_real_tokenizer_shape(llama_tok):
 def test_alpaca_templates_round_trip(llama_tok, inp):
     text = format_prompt("Summarise the sentence.", inp)
     assert text == (PROMPT_WITH_INPUT if inp else PROMPT_NO_INPUT).format(
-        instruction="Summarise the sentence.", input=inp)
+        instruction="Summarise the sentence.", input=inp
+    )
     assert ("### Input:" in text) == bool(inp)
     ids = llama_tok.encode(text, bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and 1 not in ids[1:]

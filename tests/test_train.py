@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adapter.adapter_file import load_adapter
-from adapter.checkpoint import load_base
+from adapter.base_weights import load_base
 from adapter.settings import apply_overrides
 from pipelines.config import TrainConfig
 from pipelines.train import run
@@ -24,14 +24,29 @@ ATOL = 1e-6
 
 def _cfg(tmp, name, **over) -> TrainConfig:
     stories = shared_file("stories260K/params.json").parent
-    data = {"source": str(shared_file("alpaca_data_first200.json")), "out": str(tmp / "data"), "max_seq_len": 320,
-            "val_fraction": 0.1}
+    data = {
+        "source": str(shared_file("alpaca_data_first200.json")),
+        "out": str(tmp / "data"),
+        "max_seq_len": 320,
+        "val_fraction": 0.1,
+    }
     cfg = {
-        "name": name, "output_dir": str(tmp / "runs"), "data": data,
-        "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"),
-                  "adapter": {"adapter_len": 4, "adapter_layers": 3}},
-        "optim": {"recipe": "custom", "lr": 0.02, "epochs": 1, "warmup_epochs": 0.1, "micro_batch_size": 2,
-                  "grad_accum_steps": 2},
+        "name": name,
+        "output_dir": str(tmp / "runs"),
+        "data": data,
+        "model": {
+            "base": str(stories),
+            "tokenizer": str(stories / "tokenizer.model"),
+            "adapter": {"adapter_len": 4, "adapter_layers": 3},
+        },
+        "optim": {
+            "recipe": "custom",
+            "lr": 0.02,
+            "epochs": 1,
+            "warmup_epochs": 0.1,
+            "micro_batch_size": 2,
+            "grad_accum_steps": 2,
+        },
         "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
         "checkpoint": {"every_n_steps": 8, "keep": 2},
         "samples": {"instructions": ["Tell me a story."], "sampling": {"max_gen_len": 8, "temperature": 0}},
@@ -74,7 +89,7 @@ def test_training_lowers_loss_keeps_base_frozen_and_moves_gates(reference):
     # The run leaves its artefacts where it says.
     for key in ("loss_plot", "samples"):
         assert open(reference[key], "rb").read(4)
-    assert (json.loads(open(reference["adapter"] + "/training.json").read())["steps"] == reference["steps"])
+    assert json.loads(open(reference["adapter"] + "/training.json").read())["steps"] == reference["steps"]
     samples = [json.loads(x) for x in open(reference["samples"])]
     assert {s["step"] for s in samples} == {0, reference["steps"]}
 
@@ -118,8 +133,13 @@ def test_resume_with_other_settings_is_refused_by_name(stopped):
     folder = Path(stopped["final_checkpoint"])
     settings = _state(folder)["settings"]
     assert read_trainer_state(folder, settings)["step"] == 8
-    for key, value in [("micro_batch_size", 4), ("grad_accum_steps", 1), ("epochs", 2.0), ("seed", 7),
-                       ("data_fingerprint", {**settings["data_fingerprint"], "limit": 50})]:
+    for key, value in [
+        ("micro_batch_size", 4),
+        ("grad_accum_steps", 1),
+        ("epochs", 2.0),
+        ("seed", 7),
+        ("data_fingerprint", {**settings["data_fingerprint"], "limit": 50}),
+    ]:
         with pytest.raises(CheckpointError, match=f"{key}: "):
             read_trainer_state(folder, {**settings, key: value})
     # The recipe's resume stage calls exactly this check before DeepSpeed reads anything.

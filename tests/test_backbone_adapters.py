@@ -7,12 +7,31 @@ import pytest
 import torch
 from PIL import Image
 
-from adapter.encoder_adapter import (AdaptedRoberta, AdaptedViT, EncoderAdapter, EncoderAdapterConfig,
-                                     EncoderAdapterFileError, adapt_roberta, adapt_vit, load_encoder_adapter,
-                                     read_encoder_metadata, roberta_spec, save_encoder_adapter, vit_spec)
-from adapter.roberta import load_roberta, load_roberta_tokenizer, save_random_roberta
-from adapter.vit import (IMAGENET_MEAN, IMAGENET_STD, ViTShape, ViTWeightsError, VisionTransformer,
-                         load_vit, preprocess_images, save_random_vit)
+from adapter.backbones.adapted import (
+    AdaptedRoberta,
+    AdaptedViT,
+    EncoderAdapter,
+    EncoderAdapterConfig,
+    EncoderAdapterFileError,
+    adapt_roberta,
+    adapt_vit,
+    load_encoder_adapter,
+    read_encoder_metadata,
+    roberta_spec,
+    save_encoder_adapter,
+    vit_spec,
+)
+from adapter.backbones.roberta import load_roberta, load_roberta_tokenizer, save_random_roberta
+from adapter.backbones.vit import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VisionTransformer,
+    ViTShape,
+    ViTWeightsError,
+    load_vit,
+    preprocess_images,
+    save_random_vit,
+)
 
 SHAPE = ViTShape(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
 LABELS = ["dark", "bright"]
@@ -27,8 +46,9 @@ def vit_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def roberta_folder(tmp_path_factory):
-    return save_random_roberta(tmp_path_factory.mktemp("roberta") / "roberta", TEXTS, hidden_size=32, num_layers=2,
-                               num_heads=2, max_length=32)
+    return save_random_roberta(
+        tmp_path_factory.mktemp("roberta") / "roberta", TEXTS, hidden_size=32, num_layers=2, num_heads=2, max_length=32
+    )
 
 
 @pytest.fixture
@@ -62,12 +82,25 @@ def _set_gates(model, value: float) -> None:
 
 # --- ViT: torchvision's layout ------------------------------------------------------------------
 def test_vit_state_dict_keys_are_torchvisions():
-    per_layer = ["ln_1.weight", "ln_1.bias", "self_attention.in_proj_weight", "self_attention.in_proj_bias",
-                 "self_attention.out_proj.weight", "self_attention.out_proj.bias", "ln_2.weight", "ln_2.bias",
-                 "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"]
-    expected = (["class_token", "conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding"]
-                + [f"encoder.layers.encoder_layer_{i}.{k}" for i in range(2) for k in per_layer]
-                + ["encoder.ln.weight", "encoder.ln.bias", "heads.head.weight", "heads.head.bias"])
+    per_layer = [
+        "ln_1.weight",
+        "ln_1.bias",
+        "self_attention.in_proj_weight",
+        "self_attention.in_proj_bias",
+        "self_attention.out_proj.weight",
+        "self_attention.out_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.3.weight",
+        "mlp.3.bias",
+    ]
+    expected = (
+        ["class_token", "conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding"]
+        + [f"encoder.layers.encoder_layer_{i}.{k}" for i in range(2) for k in per_layer]
+        + ["encoder.ln.weight", "encoder.ln.bias", "heads.head.weight", "heads.head.bias"]
+    )
     state = VisionTransformer(SHAPE).state_dict()
     assert list(state) == expected
     assert state["encoder.pos_embedding"].shape == (1, (8 // 4) ** 2 + 1, 16)
@@ -78,7 +111,14 @@ def test_vit_state_dict_keys_are_torchvisions():
 def test_vit_b_16_preset_has_torchvisions_numbers():
     s = ViTShape.vit_b_16()
     assert (s.image_size, s.patch_size, s.num_layers, s.num_heads, s.hidden_dim, s.mlp_dim, s.num_classes) == (
-        224, 16, 12, 12, 768, 3072, 1000)
+        224,
+        16,
+        12,
+        12,
+        768,
+        3072,
+        1000,
+    )
     with torch.device("meta"):
         n = sum(p.numel() for p in VisionTransformer(s).parameters())
     assert n == 86_567_656  # torchvision's documented vit_b_16 parameter count
@@ -93,6 +133,7 @@ def test_vit_state_dict_file_round_trips(tmp_path, suffix):
         torch.save(ref.state_dict(), path)
     else:
         from safetensors.torch import save_file
+
         save_file(ref.state_dict(), str(path))
     model = load_vit(path, SHAPE)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
@@ -106,8 +147,10 @@ def test_vit_legacy_mlp_key_names_load(tmp_path):
     state = VisionTransformer(SHAPE).state_dict()
     legacy = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v for k, v in state.items()}
     torch.save(legacy, tmp_path / "old.pth")
-    assert torch.equal(load_vit(tmp_path / "old.pth", SHAPE).encoder.layers[1].mlp[3].weight,
-                       state["encoder.layers.encoder_layer_1.mlp.3.weight"])
+    assert torch.equal(
+        load_vit(tmp_path / "old.pth", SHAPE).encoder.layers[1].mlp[3].weight,
+        state["encoder.layers.encoder_layer_1.mlp.3.weight"],
+    )
 
 
 def test_vit_wrong_keys_are_refused_by_name(tmp_path):
@@ -115,8 +158,11 @@ def test_vit_wrong_keys_are_refused_by_name(tmp_path):
     state.pop("encoder.ln.bias")
     state["encoder.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ViTWeightsError, match=r"bad\.pth.*missing keys \['encoder\.ln\.bias'\].*unexpected keys "
-                                              r"\['encoder\.extra'\]"):
+    with pytest.raises(
+        ViTWeightsError,
+        match=r"bad\.pth.*missing keys \['encoder\.ln\.bias'\].*unexpected keys "
+        r"\['encoder\.extra'\]",
+    ):
         load_vit(tmp_path / "bad.pth", SHAPE)
 
 
@@ -289,9 +335,11 @@ def test_qa_loss_ignores_positions_outside_the_input(roberta, qa_batch):
     ids, mask = qa_batch
     outside = torch.full((2,), ids.shape[1] + 5)
     one = model.loss(ids[:1], mask[:1], torch.tensor([3]), torch.tensor([4]))
-    assert torch.allclose(model.loss(ids, mask, torch.cat([torch.tensor([3]), outside[:1]]),
-                                     torch.cat([torch.tensor([4]), outside[:1]])),
-                          one, atol=1e-6)
+    assert torch.allclose(
+        model.loss(ids, mask, torch.cat([torch.tensor([3]), outside[:1]]), torch.cat([torch.tensor([4]), outside[:1]])),
+        one,
+        atol=1e-6,
+    )
 
 
 # --- adapter files --------------------------------------------------------------------------------
@@ -313,7 +361,8 @@ def test_vit_adapter_file_round_trip_is_exact(tmp_path, vit, vit_file, gate):
     loaded = AdaptedViT(vit, load_encoder_adapter(tmp_path / "run", vit_spec(vit, vit_file)))
     assert loaded.adapter.config == model.adapter.config
     assert {n for n, p in loaded.adapter.named_parameters() if p.requires_grad} == {
-        n for n, p in model.adapter.named_parameters() if p.requires_grad}
+        n for n, p in model.adapter.named_parameters() if p.requires_grad
+    }
     with torch.no_grad():
         assert torch.equal(loaded.logits(_images()), model.logits(_images()))
 
@@ -322,8 +371,9 @@ def test_roberta_adapter_file_round_trip_is_exact(tmp_path, roberta, roberta_fol
     model = adapt_roberta(roberta, CONFIG, roberta_folder)
     _set_gates(model, -0.4)
     save_encoder_adapter(model.adapter, tmp_path / "qa.safetensors")
-    loaded = AdaptedRoberta(roberta, load_encoder_adapter(tmp_path / "qa.safetensors",
-                                                          roberta_spec(roberta, roberta_folder)))
+    loaded = AdaptedRoberta(
+        roberta, load_encoder_adapter(tmp_path / "qa.safetensors", roberta_spec(roberta, roberta_folder))
+    )
     with torch.no_grad():
         for a, b in zip(loaded.span_logits(*qa_batch), model.span_logits(*qa_batch)):
             assert torch.equal(a, b), (a - b).abs().max()
@@ -368,7 +418,7 @@ def test_corrupt_truncated_and_pickled_files_are_refused(tmp_path, vit, vit_file
 def test_llama_adapter_file_is_refused(tmp_path, vit):
     from adapter.adapter import AdapterConfig, AdaptionPrompts
     from adapter.adapter_file import save_adapter
-    from adapter.config import ModelArgs
+    from adapter.model_args import ModelArgs
 
     args = ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=32)
     path = save_adapter(AdaptionPrompts(args, AdapterConfig(2, 2)), args, tmp_path / "llama")

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from adapter.generation import SamplingParams
+from adapter.decoding import SamplingParams
+from adapter.image_encoder import VisionConfig
 from adapter.settings import ModelSource, Section, apply_overrides, load_config, parse_value
-from adapter.vision import VisionConfig
 
 
 class ServeConfig(Section):
     model: ModelSource
     sampling: SamplingParams = Field(
         SamplingParams(max_gen_len=128),
-        description="request defaults: max_gen_len is the max_tokens of a request that sends none")
-    adapters: str | None = Field(None, description="adapter root: a folder (relative: to the project root) "
-                                                   "or a pyarrow URI (s3://...)")
+        description="request defaults: max_gen_len is the max_tokens of a request that sends none",
+    )
+    adapters: str | None = Field(
+        None, description="adapter root: a folder (relative: to the project root) or a pyarrow URI (s3://...)"
+    )
     base_name: str = Field("base", description="the `model` name that means the base without an adapter")
     max_loaded_adapters: int = Field(8, ge=1, description="adapters kept in memory per replica (LRU)")
     max_adapter_bytes: int = Field(256 * 2**20, ge=1, description="an adapter file larger than this is refused")
@@ -34,19 +36,33 @@ class ServeConfig(Section):
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompts_per_request: int = Field(8, ge=1)
     max_n: int = Field(4, ge=1, description="largest `n` (choices per prompt) a request may ask for")
-    max_body_bytes: int = Field(2**20, ge=1, description="larger request bodies get 413 (an inline image counts: "
-                                                         "base64 is 4/3 of the image's bytes)")
+    max_body_bytes: int = Field(
+        2**20,
+        ge=1,
+        description="larger request bodies get 413 (an inline image counts: base64 is 4/3 of the image's bytes)",
+    )
     vision: VisionConfig | None = Field(
-        None, description="the image encoder multimodal adapters were trained with (the training config's "
-                          "`vision:`); without it, adapters answer text only")
-    max_concurrent_images: int = Field(2, ge=1, description="images decoded and encoded at once per replica; "
-                                                             "more wait (each can take ~100 MB while decoded)")
-    max_image_bytes: int = Field(4 * 2**20, ge=1, description="a larger image (decoded bytes) gets 400; the "
-                                                              "body limit applies first (raise max_body_bytes to "
-                                                              "about 4/3 of this to take such images)")
+        None,
+        description="the image encoder multimodal adapters were trained with (the training config's "
+        "`vision:`); without it, adapters answer text only",
+    )
+    max_concurrent_images: int = Field(
+        2,
+        ge=1,
+        description="images decoded and encoded at once per replica; more wait (each can take ~100 MB while decoded)",
+    )
+    max_image_bytes: int = Field(
+        4 * 2**20,
+        ge=1,
+        description="a larger image (decoded bytes) gets 400; the "
+        "body limit applies first (raise max_body_bytes to "
+        "about 4/3 of this to take such images)",
+    )
     api_key_env: str | None = Field(
-        None, description="name of the environment variable holding the API key; the replica refuses to "
-                          "start when it is named but unset or empty. None: no key required")
+        None,
+        description="name of the environment variable holding the API key; the replica refuses to "
+        "start when it is named but unset or empty. None: no key required",
+    )
 
 
 def serve_config(args: dict) -> ServeConfig:

@@ -27,8 +27,10 @@ def load_roberta(folder: str | Path, dtype: torch.dtype = torch.float32, device:
 
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"RoBERTa {folder}: no {WEIGHTS_FILE} (a transformers save_pretrained folder with "
-                                "safetensors weights is expected)")
+        raise FileNotFoundError(
+            f"RoBERTa {folder}: no {WEIGHTS_FILE} (a transformers save_pretrained folder with "
+            "safetensors weights is expected)"
+        )
     hf_logging.set_verbosity_error()  # a QA checkpoint's unused qa_outputs / pooler keys are expected here
     model = RobertaModel.from_pretrained(folder, use_safetensors=True, add_pooling_layer=False)
     if model.config.is_decoder:
@@ -49,13 +51,25 @@ def load_roberta_tokenizer(folder: str | Path):
 def roberta_shape(model) -> dict:
     """What an adapter file records about the backbone it was trained on."""
     c = model.config
-    return {"hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
-            "vocab_size": c.vocab_size}
+    return {
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size,
+    }
 
 
-def save_random_roberta(folder: str | Path, texts: list[str], hidden_size: int = 32, num_layers: int = 2,
-                        num_heads: int = 2, max_length: int = 64, vocab_size: int = 400, seed: int = 0) -> Path:
+def save_random_roberta(
+    folder: str | Path,
+    texts: list[str],
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    max_length: int = 64,
+    vocab_size: int = 400,
+    seed: int = 0,
+) -> Path:
     """A random RoBERTa and a byte-level BPE tokenizer trained on `texts`, in transformers' folder
     layout (`AutoTokenizer` / `RobertaModel.from_pretrained` read it). Plumbing, not skill."""
     from tokenizers import ByteLevelBPETokenizer, processors
@@ -67,18 +81,40 @@ def save_random_roberta(folder: str | Path, texts: list[str], hidden_size: int =
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS))
     ids = {t: bpe.token_to_id(t) for t in SPECIAL_TOKENS}
     # <s> A </s></s> B </s>, offsets trimmed of the leading space byte: RoBERTa's own post-processing
-    bpe.post_processor = processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"]), trim_offsets=True,
-                                                      add_prefix_space=False)
+    bpe.post_processor = processors.RobertaProcessing(
+        ("</s>", ids["</s>"]), ("<s>", ids["<s>"]), trim_offsets=True, add_prefix_space=False
+    )
     bpe.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
-        "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
-        "add_prefix_space": False, "trim_offsets": True, "model_max_length": max_length}, indent=1))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "RobertaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "sep_token": "</s>",
+                "cls_token": "<s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "mask_token": "<mask>",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "model_max_length": max_length,
+            },
+            indent=1,
+        )
+    )
 
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden_size, num_hidden_layers=num_layers,
-                           num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
-                           max_position_embeddings=max_length + 2,  # RoBERTa positions start after pad_token_id
-                           pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
+    config = RobertaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        max_position_embeddings=max_length + 2,  # RoBERTa positions start after pad_token_id
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+    )
     RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder

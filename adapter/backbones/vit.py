@@ -51,8 +51,9 @@ class ViTShape(Section):
 
     @classmethod
     def vit_b_16(cls) -> ViTShape:
-        return cls(image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072,
-                   num_classes=1000)
+        return cls(
+            image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=1000
+        )
 
     @property
     def seq_length(self) -> int:
@@ -63,8 +64,9 @@ class MLPBlock(nn.Sequential):
     """torchvision's MLPBlock (an ops.MLP): keys `0` and `3` are the two Linear layers."""
 
     def __init__(self, in_dim: int, mlp_dim: int, dropout: float = 0.0):
-        super().__init__(nn.Linear(in_dim, mlp_dim), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(mlp_dim, in_dim), nn.Dropout(dropout))
+        super().__init__(
+            nn.Linear(in_dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, in_dim), nn.Dropout(dropout)
+        )
         for m in self:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -72,10 +74,11 @@ class MLPBlock(nn.Sequential):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block; the adapter hooks `self_attention` (adapter/encoder_adapter.py)."""
+    """Pre-norm transformer block; the adapter hooks `self_attention` (adapter/backbones/adapted.py)."""
 
-    def __init__(self, num_heads: int, hidden_dim: int, mlp_dim: int, dropout: float = 0.0,
-                 attention_dropout: float = 0.0):
+    def __init__(
+        self, num_heads: int, hidden_dim: int, mlp_dim: int, dropout: float = 0.0, attention_dropout: float = 0.0
+    ):
         super().__init__()
         self.ln_1 = nn.LayerNorm(hidden_dim, eps=1e-6)
         self.self_attention = nn.MultiheadAttention(hidden_dim, num_heads, dropout=attention_dropout, batch_first=True)
@@ -91,14 +94,25 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int, mlp_dim: int,
-                 dropout: float = 0.0, attention_dropout: float = 0.0):
+    def __init__(
+        self,
+        seq_length: int,
+        num_layers: int,
+        num_heads: int,
+        hidden_dim: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+    ):
         super().__init__()
         self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, hidden_dim).normal_(std=0.02))  # from BERT
         self.dropout = nn.Dropout(dropout)
-        self.layers = nn.Sequential(OrderedDict(
-            (f"encoder_layer_{i}", EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout, attention_dropout))
-            for i in range(num_layers)))
+        self.layers = nn.Sequential(
+            OrderedDict(
+                (f"encoder_layer_{i}", EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout, attention_dropout))
+                for i in range(num_layers)
+            )
+        )
         self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -114,11 +128,18 @@ class VisionTransformer(nn.Module):
         self.image_size, self.patch_size, self.hidden_dim = shape.image_size, shape.patch_size, shape.hidden_dim
         self.conv_proj = nn.Conv2d(3, shape.hidden_dim, kernel_size=shape.patch_size, stride=shape.patch_size)
         self.class_token = nn.Parameter(torch.zeros(1, 1, shape.hidden_dim))
-        self.encoder = Encoder(shape.seq_length, shape.num_layers, shape.num_heads, shape.hidden_dim, shape.mlp_dim,
-                               dropout, attention_dropout)
+        self.encoder = Encoder(
+            shape.seq_length,
+            shape.num_layers,
+            shape.num_heads,
+            shape.hidden_dim,
+            shape.mlp_dim,
+            dropout,
+            attention_dropout,
+        )
         self.seq_length = shape.seq_length
         self.heads = nn.Sequential(OrderedDict(head=nn.Linear(shape.hidden_dim, shape.num_classes)))
-        fan_in = self.conv_proj.in_channels * self.patch_size ** 2
+        fan_in = self.conv_proj.in_channels * self.patch_size**2
         nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
         nn.init.zeros_(self.conv_proj.bias)
         nn.init.zeros_(self.heads.head.weight)
@@ -181,8 +202,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _legacy_mlp_keys(state)
 
 
-def load_vit(path: str | Path, shape: ViTShape, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu") -> VisionTransformer:
+def load_vit(
+    path: str | Path, shape: ViTShape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> VisionTransformer:
     """A frozen ViT in eval mode from a torchvision state-dict file; every key must match."""
     path = Path(path)
     state = read_state_dict(path)
@@ -191,10 +213,13 @@ def load_vit(path: str | Path, shape: ViTShape, dtype: torch.dtype = torch.float
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ViTWeightsError(f"{path}: not a torchvision ViT state dict for {shape} "
-                              f"(missing keys {missing}, unexpected keys {unexpected})")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items()
-             if state[k].shape != t.shape]
+        raise ViTWeightsError(
+            f"{path}: not a torchvision ViT state dict for {shape} "
+            f"(missing keys {missing}, unexpected keys {unexpected})"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if state[k].shape != t.shape
+    ]
     if wrong:
         raise ViTWeightsError(f"{path}: tensor shapes differ from {shape}: {'; '.join(wrong)}")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
@@ -244,8 +269,10 @@ def preprocess_images(images: list, shape: ViTShape) -> torch.Tensor:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="python -m adapter.vit random FILE: a toy random ViT in torchvision's "
-                                             "vit_b_16 layout (safetensors), for the tiny CPU configs")
+    ap = argparse.ArgumentParser(
+        description="python -m adapter.backbones.vit random FILE: a toy random ViT in torchvision's "
+        "vit_b_16 layout (safetensors), for the tiny CPU configs"
+    )
     ap.add_argument("command", choices=["random"])
     ap.add_argument("path")
     ap.add_argument("--image-size", type=int, default=32)
@@ -255,6 +282,17 @@ if __name__ == "__main__":
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--classes", type=int, default=10)
     a = ap.parse_args()
-    print(save_random_vit(a.path, ViTShape(image_size=a.image_size, patch_size=a.patch_size, num_layers=a.layers,
-                                           num_heads=a.heads, hidden_dim=a.width, mlp_dim=2 * a.width,
-                                           num_classes=a.classes)))
+    print(
+        save_random_vit(
+            a.path,
+            ViTShape(
+                image_size=a.image_size,
+                patch_size=a.patch_size,
+                num_layers=a.layers,
+                num_heads=a.heads,
+                hidden_dim=a.width,
+                mlp_dim=2 * a.width,
+                num_classes=a.classes,
+            ),
+        )
+    )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
-from adapter.generation import SamplingParams, generate, prefixes_for, sample_top_p
+from adapter.decoding import SamplingParams, generate, prefixes_for, sample_top_p
 
 PROMPTS = [[1, 15, 200, 33, 7, 90, 45], [1, 300], [1, 5, 6, 7, 8]]
 
@@ -85,6 +85,11 @@ def test_per_row_params_match_running_each_row_alone(tiny_model):
 
 def test_on_token_streams_every_token_in_order(tiny_model):
     seen = {}
-    out = generate(tiny_model, PROMPTS, SamplingParams(6, temperature=0), eos_id=-1,
-                   on_token=lambda row, tok: seen.setdefault(row, []).append(tok))
+    out = generate(
+        tiny_model,
+        PROMPTS,
+        SamplingParams(6, temperature=0),
+        eos_id=-1,
+        on_token=lambda row, tok: seen.setdefault(row, []).append(tok),
+    )
     assert [seen[i] for i in range(len(PROMPTS))] == out

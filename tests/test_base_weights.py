@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from adapter.checkpoint import load_base
-from adapter.config import ModelArgs
-from adapter.generation import SamplingParams, generate
+from adapter.base_weights import load_base
+from adapter.decoding import SamplingParams, generate
 from adapter.model import Transformer
+from adapter.model_args import ModelArgs
 from adapter.tokenizer import Tokenizer
 from tests.conftest import shared_file
 
@@ -22,9 +22,15 @@ ROW_PARALLEL = ("wo", "w2", "tok_embeddings")
 def write_meta_shards(model: Transformer, path, n_shards: int, vocab_in_params: bool = False):
     path.mkdir(parents=True, exist_ok=True)
     a = model.args
-    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-              "multiple_of": a.multiple_of, "norm_eps": a.norm_eps,
-              "vocab_size": a.vocab_size if vocab_in_params else -1}
+    params = {
+        "dim": a.dim,
+        "n_layers": a.n_layers,
+        "n_heads": a.n_heads,
+        "n_kv_heads": a.n_kv_heads,
+        "multiple_of": a.multiple_of,
+        "norm_eps": a.norm_eps,
+        "vocab_size": a.vocab_size if vocab_in_params else -1,
+    }
     (path / "params.json").write_text(json.dumps(params))
     shards = [{} for _ in range(n_shards)]
     for name, t in model.state_dict().items():
@@ -80,9 +86,17 @@ def test_hf_checkpoint_matches_transformers(tmp_path, n_kv_heads):
     transformers = pytest.importorskip("transformers", reason="transformers is a test-only oracle")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5, max_position_embeddings=128, rope_theta=10000.0,
-        tie_word_embeddings=False)
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_heads,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = load_base(tmp_path)
@@ -96,8 +110,15 @@ def test_hf_checkpoint_matches_transformers(tmp_path, n_kv_heads):
 def test_sharded_hf_checkpoint_loads(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is a test-only oracle")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

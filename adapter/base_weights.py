@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from adapter.config import ModelArgs, from_hf_config, from_meta_params
 from adapter.model import Transformer, build_on_meta
+from adapter.model_args import ModelArgs, from_hf_config, from_meta_params
 
 # Meta's model-parallel layout: which dimension each weight was split on across shards.
 _SPLIT_DIM_0 = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.", "output.")
@@ -28,12 +28,15 @@ def detect_format(path: Path) -> str:
         return "meta"
     if (path / "config.json").is_file():
         return "hf"
-    raise FileNotFoundError(
-        f"{path}: no params.json (Meta layout) or config.json (Hugging Face layout) found")
+    raise FileNotFoundError(f"{path}: no params.json (Meta layout) or config.json (Hugging Face layout) found")
 
 
-def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              max_seq_len: int | None = None) -> Transformer:
+def load_base(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+) -> Transformer:
     """Load a frozen LLaMA from a Meta or Hugging Face checkpoint folder (or a llama2.c `.bin`
     file), in eval mode, no grads."""
     path = Path(path)
@@ -45,7 +48,7 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
             model.args = ModelArgs.from_dict({**model.args.to_dict(), "max_seq_len": max_seq_len})
         return model
     fmt = detect_format(path)
-    state, args = (_read_meta(path) if fmt == "meta" else _read_hf(path))
+    state, args = _read_meta(path) if fmt == "meta" else _read_hf(path)
     if max_seq_len is not None:
         args = ModelArgs.from_dict({**args.to_dict(), "max_seq_len": max_seq_len})
     model = build_on_meta(args)
@@ -53,8 +56,10 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match a LLaMA of shape {args}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: checkpoint does not match a LLaMA of shape {args}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
@@ -118,10 +123,14 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 _HF_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
 

@@ -54,7 +54,7 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
+    def from_dict(cls, d: dict) -> ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -67,12 +67,19 @@ PRESETS: dict[str, ModelArgs] = {
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5, max_seq_len=4096),
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5, max_seq_len=4096),
     "llama2-70b": ModelArgs(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
-        multiple_of=4096, norm_eps=1e-5, max_seq_len=4096,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+        norm_eps=1e-5,
+        max_seq_len=4096,
     ),
     # For CPU tests: small enough to run in milliseconds, GQA on so that path is always exercised.
-    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16,
-                      norm_eps=1e-5, max_seq_len=256),
+    "tiny": ModelArgs(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, norm_eps=1e-5, max_seq_len=256
+    ),
 }
 
 
@@ -92,10 +99,16 @@ def from_meta_params(path: Path, vocab_size: int | None = None) -> ModelArgs:
             raise ValueError(f"{path} has vocab_size {vocab}; the vocabulary size must come from the weights")
         vocab = vocab_size
     return ModelArgs(
-        dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
-        vocab_size=vocab, multiple_of=p.get("multiple_of", 256),
-        ffn_dim_multiplier=p.get("ffn_dim_multiplier"), norm_eps=p.get("norm_eps", 1e-6),
-        rope_theta=p.get("rope_theta", 10000.0), max_seq_len=p.get("max_seq_len", 2048),
+        dim=p["dim"],
+        n_layers=p["n_layers"],
+        n_heads=p["n_heads"],
+        n_kv_heads=p.get("n_kv_heads"),
+        vocab_size=vocab,
+        multiple_of=p.get("multiple_of", 256),
+        ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
+        norm_eps=p.get("norm_eps", 1e-6),
+        rope_theta=p.get("rope_theta", 10000.0),
+        max_seq_len=p.get("max_seq_len", 2048),
     )
 
 
@@ -110,8 +123,13 @@ def from_hf_config(path: Path) -> ModelArgs:
     if c.get("rope_scaling"):
         raise ValueError(f"{path}: rope_scaling {c['rope_scaling']} is not supported")
     return ModelArgs(
-        dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-        n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
-        hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"],
+        n_kv_heads=c.get("num_key_value_heads"),
+        vocab_size=c["vocab_size"],
+        hidden_dim=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=c.get("rope_theta", 10000.0),
+        max_seq_len=c.get("max_position_embeddings", 2048),
     )

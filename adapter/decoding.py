@@ -8,8 +8,8 @@ request (`AdaptionPrompts.prefixes`) and reused at every step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -36,8 +36,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_top_p(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else nucleus sampling."""
     n = logits.shape[0]
     return sample_rows(logits, torch.full((n,), float(temperature)), torch.full((n,), float(top_p)), generator)
@@ -50,8 +51,9 @@ def prefixes_for(base: Transformer, adapter: AdaptionPrompts | None) -> dict[int
         return adapter.prefixes(base)
 
 
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Like sample_top_p, with each row's own temperature and top_p (rows at 0 are greedy)."""
     greedy = logits.argmax(-1)
     if bool((temperature == 0).all()):
@@ -63,8 +65,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return torch.where(temperature == 0, greedy, idx.gather(-1, choice[:, None]).squeeze(-1))
 
 
-def sample_row(logits: torch.Tensor, temperature: float, top_p: float,
-               generator: torch.Generator | None = None) -> int:
+def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None) -> int:
     """One row's next token (logits: (vocab,)), drawn with that row's own generator: the draw
     depends only on the row and its seed, never on what else is in the batch."""
     if temperature == 0:
@@ -99,16 +100,25 @@ def stack_prefixes(rows: list[dict[int, PromptKV] | None]) -> dict[int, PromptKV
                 n = p.k.shape[2]
                 k[:, :, :n], v[:, :, :n], m[:, n:] = p.k, p.v, False
                 g = p.gate
-            ks.append(k); vs.append(v); gs.append(g); ms.append(m)
+            ks.append(k)
+            vs.append(v)
+            gs.append(g)
+            ms.append(m)
         out[i] = PromptKV(k=torch.cat(ks), v=torch.cat(vs), gate=torch.cat(gs), mask=torch.cat(ms))
     return out
 
 
 @torch.inference_mode()
-def generate(base: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             eos_id: int, adapters: list[dict[int, PromptKV] | None] | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+def generate(
+    base: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    eos_id: int,
+    adapters: list[dict[int, PromptKV] | None] | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included by the caller), EOS not included.
 
     params: one for the whole batch, or one per row (each row its own length limit and sampling).
@@ -136,7 +146,7 @@ def generate(base: Transformer, prompts: list[list[int]], params: SamplingParams
     tokens = torch.zeros(bsz, total, dtype=torch.long, device=device)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):longest] = torch.tensor(p, device=device)
+        tokens[i, longest - len(p) : longest] = torch.tensor(p, device=device)
     caches = base.new_caches(bsz, total) if use_cache else None
     done = [False] * bsz
     out: list[list[int]] = [[] for _ in range(bsz)]

@@ -38,10 +38,13 @@ MAX_ASPECT_RATIO = 20  # longer side / shorter side; COCO's most elongated image
 class VisionConfig(Section):
     """The frozen encoder and the learnable projection on top of it."""
 
-    encoder: str = Field(description="folder of a transformers CLIPVisionModel (config.json, model.safetensors, "
-                                     "preprocessor_config.json)")
+    encoder: str = Field(
+        description="folder of a transformers CLIPVisionModel (config.json, model.safetensors, "
+        "preprocessor_config.json)"
+    )
     feature_layers: tuple[int, ...] = Field(
-        (6, 12, 18, 24), description="depths whose CLS token is taken (1 = first block; ViT-L/14 has 24)")
+        (6, 12, 18, 24), description="depths whose CLS token is taken (1 = first block; ViT-L/14 has 24)"
+    )
     proj_hidden: int = Field(72, ge=1, description="MLP width: 4 x 1024 -> 72 -> 4096 is ~0.6M parameters at 7B")
 
     @field_validator("feature_layers")
@@ -84,8 +87,10 @@ def encoder_identity(folder: str | Path, feature_layers: tuple[int, ...]) -> dic
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"vision encoder {folder}: no {WEIGHTS_FILE} (a transformers save_pretrained folder "
-                                "with safetensors weights is expected)")
+        raise FileNotFoundError(
+            f"vision encoder {folder}: no {WEIGHTS_FILE} (a transformers save_pretrained folder "
+            "with safetensors weights is expected)"
+        )
     return {"name": folder.name, "sha256": sha256_of(weights), "feature_layers": list(feature_layers)}
 
 
@@ -104,8 +109,9 @@ class VisualProjection(nn.Module):
     drowns the prompt nor vanishes in it. It records the encoder it was built for (`encoder`).
     """
 
-    def __init__(self, in_features: int, hidden: int, dim: int, encoder: dict,
-                 dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self, in_features: int, hidden: int, dim: int, encoder: dict, dtype: torch.dtype = torch.float32, device=None
+    ):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.fc1 = nn.Linear(in_features, hidden, **kw)
@@ -129,16 +135,20 @@ class ImageEncoder:
 
         folder = Path(project_path(config.encoder))
         if not (folder / PROCESSOR_FILE).is_file():
-            raise FileNotFoundError(f"vision encoder {folder}: no {PROCESSOR_FILE} (CLIP's preprocessing must come "
-                                    "with the weights it belongs to)")
+            raise FileNotFoundError(
+                f"vision encoder {folder}: no {PROCESSOR_FILE} (CLIP's preprocessing must come "
+                "with the weights it belongs to)"
+            )
         self.identity = encoder_identity(folder, config.feature_layers)
         hf_logging.set_verbosity_error()  # no progress bars from every worker
         self.model = CLIPVisionModel.from_pretrained(folder, use_safetensors=True)
         self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         depth = self.model.config.num_hidden_layers
         if max(config.feature_layers) > depth:
-            raise ValueError(f"vision.feature_layers {list(config.feature_layers)} reach past the encoder's {depth} "
-                             f"layers ({folder})")
+            raise ValueError(
+                f"vision.feature_layers {list(config.feature_layers)} reach past the encoder's {depth} "
+                f"layers ({folder})"
+            )
         self.processor = _processor(folder)
         self.layers = list(config.feature_layers)
         self.width = self.model.config.hidden_size
@@ -182,8 +192,15 @@ def features_for(encoder: ImageEncoder, images: list[bytes | None], device=None)
     return feats.to(device or encoder.device), present.to(device or encoder.device)
 
 
-def save_random_encoder(folder: str | Path, width: int = 32, layers: int = 3, heads: int = 2,
-                        image_size: int = 32, patch: int = 8, seed: int = 0) -> Path:
+def save_random_encoder(
+    folder: str | Path,
+    width: int = 32,
+    layers: int = 3,
+    heads: int = 2,
+    image_size: int = 32,
+    patch: int = 8,
+    seed: int = 0,
+) -> Path:
     """A random CLIP vision tower of ViT-L/14's architecture at toy size, with CLIP's preprocessing,
     in transformers' format: what tests and the tiny CPU configs use, as no pretrained CLIP is
     reachable there. Features of a random tower carry little about the image: plumbing, not skill."""
@@ -195,19 +212,28 @@ def save_random_encoder(folder: str | Path, width: int = 32, layers: int = 3, he
         from transformers import CLIPImageProcessor as Processor
     folder = Path(folder)
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                           num_attention_heads=heads, image_size=image_size, patch_size=patch)
+    cfg = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch,
+    )
     CLIPVisionModel(cfg).save_pretrained(folder)
-    Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-              ).save_pretrained(folder)
+    Processor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
     return folder
 
 
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="python -m adapter.vision random-encoder FOLDER: a toy random CLIP "
-                                             "tower for the tiny CPU configs")
+    ap = argparse.ArgumentParser(
+        description="python -m adapter.image_encoder random-encoder FOLDER: a toy random CLIP "
+        "tower for the tiny CPU configs"
+    )
     ap.add_argument("command", choices=["random-encoder"])
     ap.add_argument("folder")
     ap.add_argument("--layers", type=int, default=3)

@@ -1,4 +1,4 @@
-"""The multimodal adapter (adapter/vision.py + the image token in adapter/adapter.py): a tiny random
+"""The multimodal adapter (adapter/image_encoder.py + the image token in adapter/adapter.py): a tiny random
 CLIP vision tower of ViT-L/14's architecture, saved with `save_pretrained` and loaded by path."""
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ import torch
 
 from adapter.adapter import AdaptedLlama, AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import AdapterFileError, load_adapter, save_adapter
-from adapter.vision import ImageEncoder, ImageError, VisionConfig, decode_image, features_for, save_random_encoder
+from adapter.image_encoder import (
+    ImageEncoder,
+    ImageError,
+    VisionConfig,
+    decode_image,
+    features_for,
+    save_random_encoder,
+)
 
 
 def save_tiny_encoder(folder, seed: int = 0):
@@ -42,8 +49,9 @@ def encoder(encoder_dir):
 
 def _multimodal(base, encoder, adapter_len=4, layers=2):
     torch.manual_seed(1)
-    return AdaptionPrompts(base.args, AdapterConfig(adapter_len, layers),
-                           projection=encoder.projection(16, base.args.dim))
+    return AdaptionPrompts(
+        base.args, AdapterConfig(adapter_len, layers), projection=encoder.projection(16, base.args.dim)
+    )
 
 
 def test_preprocessing_is_clips_own_and_features_are_multi_scale(encoder):
@@ -85,10 +93,16 @@ def test_after_a_few_steps_two_images_give_different_logits_and_only_adapter_par
         loss.backward()
         if step == 0:
             with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-            assert with_grad == {"adapter.prompt", "adapter.gate", "adapter.projection.fc1.weight",
-                                 "adapter.projection.fc1.bias", "adapter.projection.fc2.weight",
-                                 "adapter.projection.fc2.bias", "adapter.projection.norm.weight",
-                                 "adapter.projection.norm.bias"}
+            assert with_grad == {
+                "adapter.prompt",
+                "adapter.gate",
+                "adapter.projection.fc1.weight",
+                "adapter.projection.fc1.bias",
+                "adapter.projection.fc2.weight",
+                "adapter.projection.fc2.bias",
+                "adapter.projection.norm.weight",
+                "adapter.projection.norm.bias",
+            }
             assert all(p.grad is None for p in tiny_model.parameters())
         if step == 1:  # once the gates have left zero, the image path gets gradient too
             assert prompts.projection.fc1.weight.grad.abs().sum() > 0
@@ -121,12 +135,16 @@ def test_multimodal_file_round_trip_and_refusals(tiny_model, encoder, encoder_di
         load_adapter(path, tiny_model.args, encoder=other.identity)
     # Same weights under another folder name: the same encoder (identity is the weights' hash).
     moved = shutil.copytree(encoder_dir, tmp_path / "moved")
-    assert load_adapter(path, tiny_model.args,
-                        encoder=ImageEncoder(VisionConfig(encoder=str(moved), feature_layers=(1, 3))).identity)
+    assert load_adapter(
+        path, tiny_model.args, encoder=ImageEncoder(VisionConfig(encoder=str(moved), feature_layers=(1, 3))).identity
+    )
     # Other depths change what the projection reads: refused.
     with pytest.raises(AdapterFileError, match="CLS at depths \\[1, 3\\].*CLS at depths \\[2, 3\\]"):
-        load_adapter(path, tiny_model.args,
-                     encoder=ImageEncoder(VisionConfig(encoder=str(encoder_dir), feature_layers=(2, 3))).identity)
+        load_adapter(
+            path,
+            tiny_model.args,
+            encoder=ImageEncoder(VisionConfig(encoder=str(encoder_dir), feature_layers=(2, 3))).identity,
+        )
     text_only = save_adapter(AdaptionPrompts(tiny_model.args, AdapterConfig(4, 2)), tiny_model.args, tmp_path / "t")
     with pytest.raises(AdapterFileError, match="a text-only adapter .* cannot take images"):
         load_adapter(text_only, tiny_model.args, encoder=encoder.identity)

@@ -58,8 +58,10 @@ class EncoderAdapterConfig(Section):
     prompt_len: int = Field(10, ge=1, description="K: prompt tokens per adapted layer")
     layers: int = Field(6, ge=1, description="L: adapt the topmost L attention layers (clamped to the depth)")
     gate: Literal["zero-init", "fixed-one", "linear-probe"] = Field(
-        "zero-init", description="zero-init: tanh gate from 0, trained (the method); fixed-one: gate 1, not trained "
-                                 "(ablation); linear-probe: no prompts, head only")
+        "zero-init",
+        description="zero-init: tanh gate from 0, trained (the method); fixed-one: gate 1, not trained "
+        "(ablation); linear-probe: no prompts, head only",
+    )
     # The prompt enters the key/value projections where the layer normally sees LayerNorm outputs
     # (ViT's ln_1, RoBERTa's previous LayerNorm): unit scale per element. N(0, 1), as the authors'
     # nn.Embedding prompts, puts it on that scale; 0.02 (the backbones' weight init) would give
@@ -110,7 +112,7 @@ def vit_spec(vit, weights: str | Path | None = None) -> BackboneSpec:
 
 
 def roberta_spec(model, folder: str | Path | None = None) -> BackboneSpec:
-    from adapter.roberta import WEIGHTS_FILE, roberta_shape
+    from adapter.backbones.roberta import WEIGHTS_FILE, roberta_shape
 
     identity = None if folder is None else file_identity(Path(folder) / WEIGHTS_FILE)
     return BackboneSpec("roberta", roberta_shape(model), identity)
@@ -120,8 +122,13 @@ class EncoderAdapter(nn.Module):
     """The trainable part: prompts (L, K, width) and gates (L, heads) for the top L layers (none for
     a linear probe), and the task head (width -> classes, or width -> start/end logits)."""
 
-    def __init__(self, spec: BackboneSpec, config: EncoderAdapterConfig = EncoderAdapterConfig(),
-                 labels: list[str] | None = None, device=None):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        config: EncoderAdapterConfig = EncoderAdapterConfig(),
+        labels: list[str] | None = None,
+        device=None,
+    ):
         super().__init__()
         self.spec, self.config = spec, config
         self.task = TASK_OF_KIND[spec.kind]
@@ -132,8 +139,15 @@ class EncoderAdapter(nn.Module):
         self.first_layer = spec.depth - n_adapted
         self.prompts = None
         if n_adapted:
-            self.prompts = GatedPrompts(n_adapted, config.prompt_len, spec.width, spec.heads, config.init_std,
-                                        "tanh" if config.gate == "zero-init" else "identity", device=device)
+            self.prompts = GatedPrompts(
+                n_adapted,
+                config.prompt_len,
+                spec.width,
+                spec.heads,
+                config.init_std,
+                "tanh" if config.gate == "zero-init" else "identity",
+                device=device,
+            )
         # HF's qa_outputs convention: Linear(hidden, 2) -> start, end logits per token
         self.head = nn.Linear(spec.width, len(self.labels) if self.labels else 2, device=device)
         if self.head.weight.device.type != "meta":
@@ -169,8 +183,10 @@ class AdaptedEncoder(nn.Module):
         """spec: the backbone's kind and shape, to check the adapter against (identity is checked on load)."""
         super().__init__()
         if adapter.spec.kind != self.kind or adapter.spec.shape != spec.shape:
-            raise ValueError(f"adapter was built for a {adapter.spec.kind} of shape {adapter.spec.shape}, "
-                             f"not this {self.kind} of shape {spec.shape}")
+            raise ValueError(
+                f"adapter was built for a {adapter.spec.kind} of shape {adapter.spec.shape}, "
+                f"not this {self.kind} of shape {spec.shape}"
+            )
         self.backbone = backbone.eval().requires_grad_(False)
         self.adapter = adapter
 
@@ -202,16 +218,19 @@ class AdaptedEncoder(nn.Module):
             return
         gates = prompts.activated_gate()
         layers = self.attention_layers()
-        handles = [layers[i].register_forward_hook(partial(self._add_prompt_term, j=j, gate=gates[j]), with_kwargs=True)
-                   for j, i in enumerate(self.adapter.adapted_layers)]
+        handles = [
+            layers[i].register_forward_hook(partial(self._add_prompt_term, j=j, gate=gates[j]), with_kwargs=True)
+            for j, i in enumerate(self.adapter.adapted_layers)
+        ]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _add_prompt_term(self, attn: nn.Module, args: tuple, kwargs: dict, output: tuple, j: int,
-                         gate: torch.Tensor) -> tuple:
+    def _add_prompt_term(
+        self, attn: nn.Module, args: tuple, kwargs: dict, output: tuple, j: int, gate: torch.Tensor
+    ) -> tuple:
         x = args[0] if args else kwargs[self.INPUT_NAME]
         (b, t, width), n_heads = x.shape, self.adapter.spec.heads
 
@@ -219,8 +238,9 @@ class AdaptedEncoder(nn.Module):
             return y.view(y.shape[0], y.shape[1], n_heads, width // n_heads).transpose(1, 2)
 
         prompt = self.adapter.prompts.prompt[j][None].to(x.dtype)
-        prefix = PromptKV(k=heads(self._project(attn, prompt, "k")), v=heads(self._project(attn, prompt, "v")),
-                          gate=gate[None])
+        prefix = PromptKV(
+            k=heads(self._project(attn, prompt, "k")), v=heads(self._project(attn, prompt, "v")), gate=gate[None]
+        )
         term = gated_prompt_attention(heads(self._project(attn, x, "q")), prefix)
         term = self._to_output(attn, term.transpose(1, 2).reshape(b, t, width))
         return (output[0] + term.to(output[0].dtype), *output[1:])
@@ -277,8 +297,9 @@ class AdaptedRoberta(AdaptedEncoder):
         with self._prompts_attached():
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def span_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def span_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(start, end) logits, each (B, T) fp32."""
         h = self.hidden(input_ids, attention_mask).to(self.adapter.head.weight.dtype)
         start, end = self.adapter.head(h).unbind(-1)
@@ -286,14 +307,21 @@ class AdaptedRoberta(AdaptedEncoder):
 
     forward = span_logits
 
-    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start_positions: torch.Tensor,
-             end_positions: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        start_positions: torch.Tensor,
+        end_positions: torch.Tensor,
+    ) -> torch.Tensor:
         """Mean of the start and end cross-entropies (RobertaForQuestionAnswering's loss): positions
         outside the input (an answer truncated away) are left out of the mean."""
         start, end = self.span_logits(input_ids, attention_mask)
         outside = start.shape[1]
-        losses = [F.cross_entropy(logits, pos.clamp(0, outside), ignore_index=outside)
-                  for logits, pos in ((start, start_positions), (end, end_positions))]
+        losses = [
+            F.cross_entropy(logits, pos.clamp(0, outside), ignore_index=outside)
+            for logits, pos in ((start, start_positions), (end, end_positions))
+        ]
         return (losses[0] + losses[1]) / 2
 
 
@@ -318,9 +346,15 @@ def save_encoder_adapter(adapter: EncoderAdapter, path: str | Path, extra: dict 
     if path.is_dir() or path.suffix == "":
         path = path / ADAPTER_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": json.dumps(asdict(adapter.spec)),
-            "task": adapter.task, "labels": json.dumps(adapter.labels),
-            "adapter_config": adapter.config.model_dump_json(), "extra": json.dumps(extra or {})}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": json.dumps(asdict(adapter.spec)),
+        "task": adapter.task,
+        "labels": json.dumps(adapter.labels),
+        "adapter_config": adapter.config.model_dump_json(),
+        "extra": json.dumps(extra or {}),
+    }
     tensors = {k: t.detach().cpu().contiguous() for k, t in adapter.state_dict().items()}
     return write_atomically(tensors, meta, path)
 
@@ -335,18 +369,22 @@ def read_encoder_metadata(path: str | Path) -> dict:
     if meta.get("format") != FORMAT:
         raise EncoderAdapterFileError(f"{path}: not an encoder adapter file (format={meta.get('format')!r})")
     try:
-        return {"backbone": BackboneSpec(**json.loads(meta["backbone"])), "task": meta["task"],
-                "labels": json.loads(meta["labels"]),
-                "config": EncoderAdapterConfig.model_validate_json(meta["adapter_config"]),
-                "extra": json.loads(meta.get("extra", "{}"))}
+        return {
+            "backbone": BackboneSpec(**json.loads(meta["backbone"])),
+            "task": meta["task"],
+            "labels": json.loads(meta["labels"]),
+            "config": EncoderAdapterConfig.model_validate_json(meta["adapter_config"]),
+            "extra": json.loads(meta.get("extra", "{}")),
+        }
     except KeyError as e:
         raise EncoderAdapterFileError(f"{path}: encoder adapter metadata lacks {e}") from None
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid settings
         raise EncoderAdapterFileError(f"{path}: bad encoder adapter metadata ({e})") from None
 
 
-def load_encoder_adapter(path: str | Path, backbone: BackboneSpec,
-                         device: str | torch.device = "cpu") -> EncoderAdapter:
+def load_encoder_adapter(
+    path: str | Path, backbone: BackboneSpec, device: str | torch.device = "cpu"
+) -> EncoderAdapter:
     """The adapter in `path`, checked against the backbone it will run on: kind, shape and (where both
     are known) the weights' sha256 must match. Hand it with the backbone to AdaptedViT / AdaptedRoberta."""
     from safetensors import SafetensorError
@@ -356,22 +394,30 @@ def load_encoder_adapter(path: str | Path, backbone: BackboneSpec,
     saved: BackboneSpec = meta["backbone"]
     if saved.kind != backbone.kind:
         raise EncoderAdapterFileError(f"{path}: an adapter for a {saved.kind} backbone, not a {backbone.kind}")
-    diffs = [f"{k}: adapter {saved.shape.get(k)} vs backbone {v}" for k, v in backbone.shape.items()
-             if saved.shape.get(k) != v] + [f"{k}: only in the adapter's backbone" for k in saved.shape
-                                             if k not in backbone.shape]
+    diffs = [
+        f"{k}: adapter {saved.shape.get(k)} vs backbone {v}"
+        for k, v in backbone.shape.items()
+        if saved.shape.get(k) != v
+    ] + [f"{k}: only in the adapter's backbone" for k in saved.shape if k not in backbone.shape]
     if diffs:
-        raise EncoderAdapterFileError(f"{path}: adapter was trained on a differently shaped {saved.kind} "
-                                      f"({'; '.join(diffs)})")
+        raise EncoderAdapterFileError(
+            f"{path}: adapter was trained on a differently shaped {saved.kind} ({'; '.join(diffs)})"
+        )
     if saved.identity and backbone.identity and saved.identity.get("sha256") != backbone.identity.get("sha256"):
         raise EncoderAdapterFileError(
             f"{path}: trained on {saved.kind} weights {saved.identity.get('name')!r} (sha256 "
             f"{str(saved.identity.get('sha256'))[:12]}), not {backbone.identity.get('name')!r} "
-            f"(sha256 {str(backbone.identity.get('sha256'))[:12]})")
+            f"(sha256 {str(backbone.identity.get('sha256'))[:12]})"
+        )
     if meta["task"] != TASK_OF_KIND[saved.kind]:
         raise EncoderAdapterFileError(f"{path}: task {meta['task']!r} is not {TASK_OF_KIND[saved.kind]!r}")
     try:
-        adapter = EncoderAdapter(BackboneSpec(saved.kind, saved.shape, backbone.identity or saved.identity),
-                                 meta["config"], meta["labels"], device="meta")
+        adapter = EncoderAdapter(
+            BackboneSpec(saved.kind, saved.shape, backbone.identity or saved.identity),
+            meta["config"],
+            meta["labels"],
+            device="meta",
+        )
     except (ValueError, TypeError, KeyError) as e:
         raise EncoderAdapterFileError(f"{path}: bad encoder adapter metadata ({e!r})") from None
     try:
@@ -381,17 +427,20 @@ def load_encoder_adapter(path: str | Path, backbone: BackboneSpec,
         raise EncoderAdapterFileError(f"{path}: corrupt adapter file ({e})") from None
     expected = adapter.state_dict()
     if set(tensors) != set(expected):
-        raise EncoderAdapterFileError(f"{path}: tensors {sorted(tensors)} do not match {meta['config']} "
-                                      f"(expected {sorted(expected)})")
+        raise EncoderAdapterFileError(
+            f"{path}: tensors {sorted(tensors)} do not match {meta['config']} (expected {sorted(expected)})"
+        )
     for name, t in expected.items():
         if tensors[name].shape != t.shape:
-            raise EncoderAdapterFileError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                          f"expected {tuple(t.shape)}")
+            raise EncoderAdapterFileError(
+                f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(t.shape)}"
+            )
         if not torch.isfinite(tensors[name]).all():
             raise EncoderAdapterFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
     # copy=True: tensors in torch's own (aligned) memory, so outputs match the saved adapter's bit for bit
-    adapter.load_state_dict({k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in tensors.items()},
-                            assign=True)
+    adapter.load_state_dict(
+        {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in tensors.items()}, assign=True
+    )
     adapter.requires_grad_(True)
     adapter._fix_gate()
     return adapter
@@ -417,6 +466,7 @@ def _open(path: Path):
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic == b"PK" or magic[:1] == b"\x80":
-            raise EncoderAdapterFileError(f"{path}: a pickle / torch.save file, refused (adapters are safetensors "
-                                          "only)") from None
+            raise EncoderAdapterFileError(
+                f"{path}: a pickle / torch.save file, refused (adapters are safetensors only)"
+            ) from None
         raise EncoderAdapterFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None
