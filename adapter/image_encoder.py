@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from adapter.hashing import sha256_of
-from adapter.settings import Section, project_path
+from adapter.settings import PathField, Section, project_path
 
 WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -38,7 +38,7 @@ MAX_ASPECT_RATIO = 20  # longer side / shorter side; COCO's most elongated image
 class VisionConfig(Section):
     """The frozen encoder and the learnable projection on top of it."""
 
-    encoder: str = Field(
+    encoder: str = PathField(
         description="folder of a transformers CLIPVisionModel (config.json, model.safetensors, "
         "preprocessor_config.json)"
     )

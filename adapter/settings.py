@@ -33,6 +33,14 @@ DISTRIBUTION = "llama-adapter-ray"
 RAY_WORKING_DIR_MARK = "working_dir_files"
 
 
+PATH_MARK = "project_path"  # json_schema_extra key of fields that hold a path
+
+
+def PathField(default=..., **kwargs):  # noqa: N802 - used like pydantic's Field
+    """A config field holding a path: `with_project_paths` resolves it by the project-root rule."""
+    return Field(default, json_schema_extra={PATH_MARK: True}, **kwargs)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -40,9 +48,9 @@ class Section(BaseModel):
 class ModelSource(Section):
     """Where the frozen base and its tokenizer come from, and how it is held in memory."""
 
-    base: str | None = Field(None, description="Meta / Hugging Face checkpoint folder, or a llama2.c .bin")
+    base: str | None = PathField(None, description="Meta / Hugging Face checkpoint folder, or a llama2.c .bin")
     preset: str | None = Field(None, description="random-initialised base of a named shape (last resort)")
-    tokenizer: str = Field(description="the base model's SentencePiece tokenizer.model")
+    tokenizer: str = PathField(description="the base model's SentencePiece tokenizer.model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)"
     )
@@ -197,3 +205,20 @@ def project_path(p: str | None) -> str | None:
     if path.is_absolute():
         return str(path)
     return str((project_root() / path).resolve())
+
+
+def with_project_paths(cfg: C) -> C:
+    """A copy of a config with every `PathField` of every nested section absolute. Workers and
+    actors do not share the driver's working directory, so jobs hand them these copies; one walk
+    over the schema instead of a hand-kept list of path fields."""
+    updates = {}
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(PATH_MARK):
+            if isinstance(value, str):
+                updates[name] = project_path(value)
+        elif isinstance(value, BaseModel):
+            resolved = with_project_paths(value)
+            if resolved is not value:
+                updates[name] = resolved
+    return cfg.model_copy(update=updates) if updates else cfg

@@ -36,7 +36,7 @@ CLIP_L14_TOKENS = 257
 
 
 def scienceqa_projection() -> dict:
-    from pipelines.scienceqa import answer_text, check_problem, format_problem
+    from pipelines.tasks.scienceqa import answer_text, check_problem, format_problem
 
     src = SHARED_DATA / "scienceqa"
     problems = json.loads((src / "problems.json").read_text())
@@ -90,8 +90,8 @@ def scienceqa_projection() -> dict:
 
 def eval_throughput(quick: bool) -> dict:
     from adapter.settings import load_config
-    from pipelines.config import TrainConfig
-    from pipelines.evaluate_coco import run
+    from pipelines.evaluate import run
+    from pipelines.job_config import TrainConfig
     from pipelines.ray_session import connect
 
     cfg = load_config(TrainConfig, "coco-tiny-cpu")

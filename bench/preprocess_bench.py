@@ -93,8 +93,8 @@ def child(method: str, source: Path, out: Path) -> dict:
     import ray
     from ray.data import DataContext
 
-    from pipelines.config import DataConfig, PreprocessConfig
-    from pipelines.preprocess import run
+    from pipelines.data.instructions import run
+    from pipelines.job_config import DataConfig, PreprocessConfig
 
     t0 = time.perf_counter()
     ray.init(num_cpus=int(method[-1]), include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)

@@ -12,7 +12,7 @@ import numpy as np
 from adapter.adapter import AdapterConfig, parameter_counts
 from adapter.model_args import preset
 from bench.common import RESULTS, SHARED_DATA, bar_chart, write_result
-from pipelines.batching import epoch_order
+from pipelines.training.batching import epoch_order
 
 PEAK_A100_BF16 = 312e12
 GPUS = 8
@@ -32,8 +32,8 @@ def token_lengths(data_dir: Path) -> np.ndarray:
 
 
 def ensure_preprocessed(out: Path) -> dict:
-    from pipelines.config import DataConfig, PreprocessConfig
-    from pipelines.preprocess import is_complete, run
+    from pipelines.data.instructions import is_complete, run
+    from pipelines.job_config import DataConfig, PreprocessConfig
 
     if not is_complete(out):
         import ray

@@ -39,8 +39,8 @@ from adapter.settings import ModelSource
 from bench import common
 from bench.common import SHARED_DATA, write_result
 from bench.train_vs_peft import SHAPE
-from pipelines.batching import collate, epoch_order
-from pipelines.preprocess import TokenizeBatch
+from pipelines.data.instructions import TokenizeBatch
+from pipelines.training.batching import collate, epoch_order
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 GOALS = {"int8": {"loss_within": 0.01, "bytes_below_fp32": 4.0}, "int4": {"loss_within": 0.03, "bytes_below_fp32": 8.0}}

@@ -16,8 +16,8 @@ import torch
 from adapter.adapter import AdaptedLlama, AdapterConfig, AdaptionPrompts
 from adapter.base_weights import load_base
 from bench.common import RESULTS, SHARED_DATA, bar_chart, write_result
-from pipelines.batching import collate, epoch_order
-from pipelines.preprocess import TokenizeBatch
+from pipelines.data.instructions import TokenizeBatch
+from pipelines.training.batching import collate, epoch_order
 
 SHAPE = dict(dim=512, n_layers=8, n_heads=8, vocab=32000, ffn=1536, adapter_len=10, adapter_layers=6)
 

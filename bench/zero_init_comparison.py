@@ -1,6 +1,6 @@
 """The ICLR comparison on the same data and budget (METHOD.md section 8): zero-init gated prompts
 vs the same prompts with the gate fixed at 1 (no gating: random prompts at full weight from step 0) vs a linear probe (head only),
-each trained by `pipelines.train` (Ray Train, 2 CPU workers) and scored by `pipelines.evaluate_encoder`.
+each trained by `pipelines.train` (Ray Train, 2 CPU workers) and scored by `pipelines.evaluate`.
 
 Tasks here: scikit-learn's real digits (an image folder) on a tiny RANDOM ViT, and a synthetic
 SQuAD v2.0 span task on a tiny RANDOM RoBERTa. No pretrained ViT / RoBERTa is reachable on this
@@ -75,7 +75,7 @@ def common(tmp: Path) -> dict:
 
 def digits_config(tmp: Path, epochs: float) -> dict:
     from adapter.backbones.vit import ViTShape, save_random_vit
-    from pipelines.image_folder import write_digits
+    from pipelines.datasets.image_folder import write_digits
 
     if not (tmp / "digits" / "train").is_dir():
         write_digits(tmp / "digits", size=32)
@@ -134,8 +134,8 @@ def squad_config(tmp: Path, epochs: float, after_near: bool = False) -> dict:
 def run_arms(base: dict, metric: str, seeds: tuple[int, ...]) -> dict:
     """Each arm trained once per seed (the seed sets the prompts' and head's initialisation and the
     batch order); same data, steps and learning rate for every arm."""
-    from pipelines.config import TrainConfig
-    from pipelines.evaluate_encoder import run as evaluate
+    from pipelines.evaluate import run as evaluate
+    from pipelines.job_config import TrainConfig
     from pipelines.train import run as train
 
     out = {}
@@ -192,7 +192,7 @@ def markdown(result: dict) -> str:
 
 
 def run(quick: bool = False) -> dict:
-    from pipelines.config import RaySection
+    from pipelines.job_config import RaySection
     from pipelines.ray_session import connect
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

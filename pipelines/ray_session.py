@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from pipelines.config import RaySection
+from pipelines.job_config import RaySection
 
 
 def connect(section: RaySection) -> str:

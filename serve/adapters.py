@@ -35,6 +35,7 @@ from adapter.adapter import AdaptionPrompts
 from adapter.adapter_file import ADAPTER_FILENAME, AdapterFileError, load_adapter, metadata_of, read_metadata
 from adapter.image_encoder import describe_encoder, same_encoder
 from adapter.model import Transformer
+from adapter.prompts import template_of
 from adapter.zero_init import PromptKV
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -58,11 +59,6 @@ class LoadedAdapter:
         """features: (1, F) from the server's encoder. Blocking: call it off the event loop."""
         with torch.no_grad():
             return self.prompts.prefixes(base, self.prompts.image_tokens(features))
-
-
-def chat_template(extra: dict) -> str:
-    """ScienceQA adapters were trained on ScienceQA's own text; everything else on the Alpaca template."""
-    return "raw" if extra.get("task") == "scienceqa" else "alpaca"
 
 
 def image_refusal(name: str, vision: dict | None, encoder: dict | None) -> str | None:
@@ -206,11 +202,13 @@ class AdapterStore:
             local.unlink(missing_ok=True)
         if not (torch.isfinite(prompts.prompt).all() and torch.isfinite(prompts.gate).all()):
             raise AdapterFileError(f"adapter {name!r}: its prompt or gate holds NaN or infinite values")
+        try:
+            template = template_of(meta["extra"])
+        except ValueError as e:
+            raise AdapterFileError(f"adapter {name!r}: {e}") from None
         refusal = image_refusal(name, meta["vision"], self.encoder)
         with torch.no_grad():
-            return LoadedAdapter(
-                prompts.prefixes(self.base), prompts if refusal is None else None, chat_template(meta["extra"]), refusal
-            )
+            return LoadedAdapter(prompts.prefixes(self.base), prompts if refusal is None else None, template, refusal)
 
     def _download(self, name: str, remote: str) -> Path:
         """Copy to a private temp file, at most max_bytes, then rename: never a partial file in place."""

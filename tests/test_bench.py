@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipelines.config import DataConfig, PreprocessConfig
-from pipelines.preprocess import run as preprocess
+from pipelines.data.instructions import run as preprocess
+from pipelines.job_config import DataConfig, PreprocessConfig
 from tests.conftest import shared_file
 
 

@@ -9,7 +9,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from adapter.settings import CONFIG_DIR, load_config
-from pipelines.config import TrainConfig
+from pipelines.job_config import TrainConfig
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from pipelines.caption_metrics import score_captions
-from pipelines.coco import CocoFormatError, read_captions, read_karpathy
+from pipelines.datasets.caption_metrics import score_captions
+from pipelines.tasks.coco import CocoFormatError, read_captions, read_karpathy
 from tests.conftest import shared_file
 
 REFS = {

@@ -12,8 +12,8 @@ from adapter.decoding import SamplingParams
 from adapter.loader import load_model
 from adapter.model_args import preset
 from adapter.settings import ModelSource, load_config, project_path
-from pipelines.config import PreprocessConfig, TrainConfig
-from pipelines.folders import replace_dir
+from pipelines.data.folders import replace_dir
+from pipelines.job_config import PreprocessConfig, TrainConfig
 from tests.conftest import ROOT, shared_file
 
 
@@ -58,7 +58,7 @@ def test_tokenizer_belongs_to_the_model_section():
 
 
 def test_max_seq_len_beyond_the_models_context_is_refused():
-    from pipelines.preprocess import check_context
+    from pipelines.data.instructions import check_context
 
     cfg = PreprocessConfig(
         model={"preset": "tiny", "tokenizer": "t.model"}, data={"source": "x.json", "out": "o", "max_seq_len": 512}
@@ -74,7 +74,7 @@ def test_preprocess_job_reads_a_training_config(capsys):
         main(["--config", "tiny-cpu", "--set", "data.limit=7", "--print-config"])
     assert e.value.code == 0
     printed = capsys.readouterr().out
-    assert "limit: 7" in printed and "optim" not in printed
+    assert "limit: 7" in printed
 
 
 def test_sampling_params_refuse_nan_and_infinity():
@@ -178,20 +178,25 @@ def test_an_output_folder_is_never_lost_while_being_replaced(tmp_path, monkeypat
     assert not list(tmp_path.glob("out2.old-*"))
 
 
-def test_preprocess_job_refuses_a_multimodal_config(capsys):
+def test_jobs_refuse_an_unknown_task_with_the_list_of_known_ones(capsys):
     from pipelines.preprocess import main
 
     with pytest.raises(SystemExit) as e:
-        main(["--config", "scienceqa-tiny-cpu"])
-    assert e.value.code == 2 and "pipelines.scienceqa" in capsys.readouterr().err
+        main(["--config", "scienceqa-tiny-cpu", "--set", "task=sciencqa"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown task 'sciencqa'" in err
+    assert "alpaca, scienceqa, coco, image-classification, squad" in err
 
 
 def test_a_section_of_the_other_model_family_is_refused():
-    from pipelines.config import TrainConfig
+    from pipelines.job_config import TrainConfig
+    from pipelines.tasks import task_for
 
     with pytest.raises(ValueError, match="remove the `encoder` section"):
-        load_config(TrainConfig, "tiny-cpu", ["encoder.weights=vit.safetensors"])
+        task_for(load_config(TrainConfig, "tiny-cpu", ["encoder.weights=vit.safetensors"]))
     with pytest.raises(ValueError, match="remove the `model` section"):
-        load_config(TrainConfig, "vit-digits-tiny-cpu", ["model.base=x", "model.tokenizer=y"])
+        task_for(load_config(TrainConfig, "vit-digits-tiny-cpu", ["model.base=x", "model.tokenizer=y"]))
     with pytest.raises(ValueError, match="doc_stride"):
-        load_config(TrainConfig, "vit-digits-tiny-cpu", ["task=squad", "encoder.doc_stride=300"])
+        task_for(load_config(TrainConfig, "vit-digits-tiny-cpu", ["task=squad", "encoder.doc_stride=300"]))
+    with pytest.raises(ValueError, match="needs a `vision` section"):
+        task_for(load_config(TrainConfig, "coco-tiny-cpu", ["vision=null"]))

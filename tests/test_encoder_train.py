@@ -13,7 +13,7 @@ import pytest
 from adapter.backbones.roberta import save_random_roberta
 from adapter.backbones.vit import ViTShape, save_random_vit
 from bench.zero_init_comparison import TINY_VIT, synthetic_squad
-from pipelines.config import TrainConfig
+from pipelines.job_config import TrainConfig
 
 pytest.importorskip("sklearn", reason="scikit-learn ships the real digits")
 
@@ -33,7 +33,7 @@ def train_config(tmp, **over) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def vit_run(ray_cluster, tmp_path_factory):
-    from pipelines.image_folder import write_digits
+    from pipelines.datasets.image_folder import write_digits
     from pipelines.train import run
 
     tmp = tmp_path_factory.mktemp("vit")
@@ -66,7 +66,7 @@ def vit_run(ray_cluster, tmp_path_factory):
 
 def test_vit_adapter_learns_real_digits_through_ray_train_and_keeps_the_backbone(vit_run):
     from adapter.backbones.adapted import read_encoder_metadata
-    from pipelines.evaluate_encoder import run as evaluate
+    from pipelines.evaluate import run as evaluate
 
     cfg, summary, tmp = vit_run
     assert (tmp / "runs" / "vit" / ".fault_injected").is_file(), "the fault was never injected"
@@ -89,7 +89,7 @@ def test_vit_adapter_learns_real_digits_through_ray_train_and_keeps_the_backbone
 def test_an_image_folder_with_bad_files_sets_them_aside_by_reason(vit_run, tmp_path):
     import shutil
 
-    from pipelines.encoder_data import run as preprocess
+    from pipelines.preprocess import run as preprocess
 
     cfg, _, tmp = vit_run
     root = tmp_path / "digits"
@@ -150,7 +150,7 @@ def squad_run(ray_cluster, tmp_path_factory):
 
 
 def test_roberta_adapter_learns_a_synthetic_span_task_and_is_scored_the_official_way(squad_run):
-    from pipelines.evaluate_encoder import run as evaluate
+    from pipelines.evaluate import run as evaluate
 
     cfg, summary, tmp = squad_run
     assert summary["base_digest_start"] == summary["base_digest_end"]

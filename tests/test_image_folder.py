@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.image_folder import digit_image, digits_split, list_image_folder, main, write_digits
+from pipelines.datasets.image_folder import digit_image, digits_split, list_image_folder, main, write_digits
 
 pytest.importorskip("sklearn", reason="scikit-learn provides the digits (pip install scikit-learn)")
 

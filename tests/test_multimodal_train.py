@@ -15,11 +15,11 @@ import torch
 from adapter.adapter_file import load_adapter
 from adapter.base_weights import load_base
 from adapter.image_encoder import ImageEncoder, features_for, save_random_encoder
-from pipelines.coco import read_captions
-from pipelines.config import TrainConfig
+from pipelines.job_config import TrainConfig
+from pipelines.tasks.coco import read_captions
 from tests.conftest import shared_file
-from tests.test_scienceqa import draw_images
 from tests.test_image_encoder import png
+from tests.test_scienceqa import draw_images
 
 
 def coco_layout(root, n_train: int):
@@ -95,7 +95,7 @@ def test_multimodal_training_moves_gates_and_projection_and_keeps_the_encoder(tr
 
 
 def test_coco_evaluation_scores_captions_on_coco_mini_val(trained):
-    from pipelines.evaluate_coco import run
+    from pipelines.evaluate import run
 
     cfg, _, _ = trained
     result = run(cfg)
@@ -112,7 +112,7 @@ def test_coco_evaluation_scores_captions_on_coco_mini_val(trained):
 
 
 def test_scienceqa_evaluation_scores_the_shared_test_split(trained):
-    from pipelines.evaluate_scienceqa import run
+    from pipelines.evaluate import run
 
     cfg, summary, tmp = trained
     src = shared_file("scienceqa/problems.json").parent

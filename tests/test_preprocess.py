@@ -8,9 +8,9 @@ import pytest
 from adapter.adapter import IGNORE_INDEX
 from adapter.prompts import format_prompt
 from adapter.tokenizer import Tokenizer
-from pipelines.config import DataConfig, PreprocessConfig
-from pipelines.data_source import DataSourceError, sha256_of
-from pipelines.preprocess import read_split, run
+from pipelines.data.instructions import read_split, run
+from pipelines.data.sources import DataSourceError, sha256_of
+from pipelines.job_config import DataConfig, PreprocessConfig
 from tests.conftest import shared_file
 
 ALPACA_SHA256 = "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419"
@@ -152,7 +152,7 @@ def test_output_reads_back_with_ray_data(first200):
 
 
 def test_url_source_is_downloaded_and_checked(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.setattr("pipelines.data_source.DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr("pipelines.data.sources.DEFAULT_CACHE", tmp_path / "cache")
     src = shared_file("alpaca_data_first200.json")
     url = src.resolve().as_uri()
     with pytest.raises(DataSourceError, match="does not match"):
@@ -173,7 +173,8 @@ def test_unreadable_sources_are_clear_errors(ray_cluster, tmp_path):
 
 
 def test_output_records_what_it_was_built_from_and_stale_output_is_named(first200):
-    from pipelines.preprocess import changed_settings, fingerprint
+    from pipelines.data.instructions import fingerprint
+    from pipelines.data.record_output import changed_settings
 
     src, out, stats = first200
     cfg = _cfg(src, out, val_fraction=0.1)

@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import records_reader
-from pipelines.config import DataConfig, PreprocessConfig
-from pipelines.data_source import DataSourceError, fetch
-from pipelines.preprocess import changed_settings, fingerprint, length_stats, read_split, run
-from pipelines.records_reader import FILE_SHIFT, _Rows, read_array, read_lines
+from pipelines.data import records_reader
+from pipelines.data.instructions import fingerprint, length_stats, read_split, run
+from pipelines.data.record_output import changed_settings
+from pipelines.data.records_reader import FILE_SHIFT, _Rows, read_array, read_lines
+from pipelines.data.sources import DataSourceError, fetch
+from pipelines.job_config import DataConfig, PreprocessConfig
 from tests.conftest import shared_file
 
 GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
@@ -169,7 +170,7 @@ def test_limit_takes_the_first_records_across_files_in_order(ray_cluster, tmp_pa
 
 
 def test_a_download_failing_its_sha256_is_removed_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipelines.data_source.DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr("pipelines.data.sources.DEFAULT_CACHE", tmp_path / "cache")
     url = shared_file("alpaca_data_first200.json").resolve().as_uri()
     with pytest.raises(DataSourceError, match="removed from the cache"):
         fetch(url, "0" * 64)

@@ -3,7 +3,7 @@
 import io
 import json
 
-from pipelines.progress import TrainingProgress, fmt_duration
+from pipelines.training.progress import TrainingProgress, fmt_duration
 
 
 def _write(path, rows):

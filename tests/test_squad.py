@@ -11,8 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.squad_data import answer_token_span, best_answers, features_for_eval, features_for_training, read_squad
-from pipelines.squad_metrics import exact_match, f1, gold_texts, normalize_answer, score_dataset, score_question
+from pipelines.datasets.squad_format import (
+    answer_token_span,
+    best_answers,
+    features_for_eval,
+    features_for_training,
+    read_squad,
+)
+from pipelines.datasets.squad_metrics import (
+    exact_match,
+    f1,
+    gold_texts,
+    normalize_answer,
+    score_dataset,
+    score_question,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "squad"
 

@@ -14,9 +14,10 @@ import torch
 from adapter.adapter_file import load_adapter
 from adapter.base_weights import load_base
 from adapter.settings import apply_overrides
-from pipelines.config import TrainConfig
+from pipelines.job_config import TrainConfig
 from pipelines.train import run
-from pipelines.train_worker import DS_DIR, STATE_FILE, CheckpointError, lr_at, read_trainer_state, state_digest
+from pipelines.training.checkpoints import DS_DIR, STATE_FILE, CheckpointError, read_trainer_state, state_digest
+from pipelines.training.recipe import lr_at
 from tests.conftest import shared_file
 
 ATOL = 1e-6
@@ -191,10 +192,16 @@ def test_lr_schedule_warms_up_then_follows_half_cosine():
 
 def test_preprocessed_data_is_rebuilt_when_its_settings_change(reference, workdir, capsys):
     """Runs last in this module: it rebuilds the shared data folder."""
-    from pipelines.train import prepare_data, with_absolute_paths
+    from adapter.settings import with_project_paths
+    from pipelines.tasks import task_for
+    from pipelines.train import prepare_data
 
-    same = prepare_data(with_absolute_paths(_cfg(workdir, "reference")))
+    def prepare(cfg):
+        cfg = with_project_paths(cfg)
+        return prepare_data(cfg, task_for(cfg))
+
+    same = prepare(_cfg(workdir, "reference"))
     assert "reusing it" in capsys.readouterr().out
-    stats = prepare_data(with_absolute_paths(_cfg(workdir, "reference", **{"data.limit": 60})))
+    stats = prepare(_cfg(workdir, "reference", **{"data.limit": 60}))
     assert "built with other settings (limit: None -> 60)" in capsys.readouterr().out
     assert stats["records_read"] == 60 < same["records_read"]

@@ -15,16 +15,16 @@ from adapter.backbones.adapted import EncoderAdapterConfig
 from adapter.backbones.vit import ViTShape
 from adapter.decoding import SamplingParams
 from adapter.image_encoder import VisionConfig
-from adapter.settings import ModelConfig, Section
+from adapter.settings import ModelConfig, PathField, Section
 
 
 class DataConfig(Section):
-    source: str = Field(
+    source: str = PathField(
         description="JSON (array or lines) / parquet records: a file, a folder, a glob or a "
         "pyarrow URI (s3://...), or an http(s)/file URL of one file"
     )
     sha256: str | None = Field(None, description="expected sha256 of the source (one file only)")
-    out: str = Field(description="folder for parquet shards, stats.json and rejects.jsonl")
+    out: str = PathField(description="folder for parquet shards, stats.json and rejects.jsonl")
     max_seq_len: int = Field(512, ge=8, description="records are cut to this many tokens")
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     seed: int = 0
@@ -86,7 +86,7 @@ class WorkersConfig(Section):
 class CheckpointConfig(Section):
     every_n_steps: int | None = Field(None, ge=1)
     keep: int = Field(2, ge=1, description="best k checkpoints kept, by held-out loss")
-    resume_from: str | None = Field(
+    resume_from: str | None = PathField(
         None,
         description="a checkpoint folder to start from (a TRUSTED folder: DeepSpeed unpickles its optimizer state)",
     )
@@ -108,7 +108,13 @@ class ScienceQAData(Section):
     """ScienceQA in its official layout under `data.source`: problems.json, pid_splits.json and
     images/<split>/<pid>/image.png. Training uses the official train split, held-out loss its val split."""
 
-    images: str | None = Field(None, description="folder holding <split>/<pid>/image.png (default <source>/images)")
+    images: str | None = PathField(None, description="folder holding <split>/<pid>/image.png (default <source>/images)")
+    captions: str | None = PathField(
+        None, description="ScienceQA's captions.json: an image problem's caption joins its context (text baselines)"
+    )
+    answer_parser: Literal["standard", "lenient"] = Field(
+        "standard", description="standard: exactly one 'The answer is (X)', X upper-case (mm-cot's); lenient: any case"
+    )
     missing_image: Literal["reject", "text_only"] = Field(
         "reject", description="a problem whose image file is absent: set aside (reject) or used without it"
     )
@@ -127,11 +133,11 @@ class CocoData(Section):
 
 
 class EvalConfig(Section):
-    """Batch inference of `pipelines.evaluate_scienceqa` / `pipelines.evaluate_coco` (greedy)."""
+    """Batch inference of `pipelines.evaluate` (greedy generation for the LLaMA tasks)."""
 
-    adapter: str | None = Field(None, description="adapter file or folder (default <output_dir>/<name>/adapter)")
+    adapter: str | None = PathField(None, description="adapter file or folder (default <output_dir>/<name>/adapter)")
     split: str = Field("test", description="ScienceQA: train / val / test; COCO: val (or Karpathy's val / test)")
-    out: str | None = Field(None, description="results folder (default <output_dir>/<name>/eval-<task>-<split>)")
+    out: str | None = PathField(None, description="results folder (default <output_dir>/<name>/eval-<task>-<split>)")
     limit: int | None = Field(None, ge=1, description="only the first N problems / images")
     batch_size: int = Field(8, ge=1)
     actors: int = Field(1, ge=1, description="model replicas in the Ray Data actor pool")
@@ -140,12 +146,12 @@ class EvalConfig(Section):
     max_gen_len: int = Field(24, ge=1)
 
 
-class EncoderTask(Section):
+class BackboneSection(Section):
     """Zero-init prompts on a frozen ViT (task image-classification) or RoBERTa (task squad),
     METHOD.md section 8. Held-out data: the image folder's val/ split (else a hash split of train/
     by data.val_fraction); for SQuAD a hash split of the training questions."""
 
-    weights: str = Field(
+    weights: str = PathField(
         description="image-classification: a torchvision ViT state dict (.safetensors, or .pth "
         "read with weights_only); squad: a transformers RobertaModel folder with its "
         "fast tokenizer"
@@ -157,46 +163,21 @@ class EncoderTask(Section):
     null_threshold: float = Field(
         0.0, description="SQuAD v2.0: answer '' when the no-answer score beats the best span by more than this"
     )
-    eval_source: str | None = Field(
+    eval_source: str | None = PathField(
         None,
         description="what the evaluation job scores: an image folder split "
         "(default <data.source>/test, else val) or a SQuAD dev file",
     )
 
 
-LLAMA_TASKS = ("alpaca", "scienceqa", "coco")
-ENCODER_TASKS = ("image-classification", "squad")
-
-
 class PreprocessConfig(Section):
-    # Which data the job reads: Alpaca-style instructions, the multimodal sets (METHOD.md section 7),
-    # or the encoder tasks (section 8: a ViT or RoBERTa backbone instead of LLaMA).
-    task: Literal["alpaca", "scienceqa", "coco", "image-classification", "squad"] = "alpaca"
-    model: ModelConfig | None = Field(None, description="the LLaMA base (tasks alpaca, scienceqa, coco)")
+    # Which task's data the job builds: a name from the task registry (pipelines/tasks/__init__.py),
+    # checked there with the list of known names; each task also checks the sections it needs.
+    task: str = "alpaca"
+    model: ModelConfig | None = Field(None, description="the LLaMA base (tasks of the llama family)")
     data: DataConfig
     ray: RaySection = RaySection()
-    encoder: EncoderTask | None = Field(None, description="the backbone of tasks image-classification and squad")
-
-    @model_validator(mode="after")
-    def _backbone_for_task(self):
-        if self.task in LLAMA_TASKS and self.model is None:
-            raise ValueError(f"task {self.task!r} fine-tunes LLaMA: it needs a `model` section")
-        if self.task in ENCODER_TASKS and self.encoder is None:
-            raise ValueError(f"task {self.task!r} needs an `encoder` section (the frozen backbone's weights)")
-        # A section of the other family is a mistake (a leftover of another config), not a no-op.
-        if self.task in LLAMA_TASKS and self.encoder is not None:
-            raise ValueError(
-                f"task {self.task!r} fine-tunes LLaMA: remove the `encoder` section (it is for tasks "
-                f"{', '.join(ENCODER_TASKS)})"
-            )
-        if self.task in ENCODER_TASKS and self.model is not None:
-            raise ValueError(f"task {self.task!r} adapts the `encoder` backbone: remove the `model` section (LLaMA)")
-        if self.task == "squad" and self.encoder.doc_stride >= self.data.max_seq_len // 2:
-            raise ValueError(
-                f"encoder.doc_stride {self.encoder.doc_stride} must be below half of data.max_seq_len "
-                f"{self.data.max_seq_len}: each window needs room for the question and new context"
-            )
-        return self
+    encoder: BackboneSection | None = Field(None, description="the backbone of tasks of the backbone family")
 
 
 class TrainConfig(PreprocessConfig):
@@ -206,7 +187,7 @@ class TrainConfig(PreprocessConfig):
     scienceqa: ScienceQAData = ScienceQAData()
     coco: CocoData = CocoData()
     evaluation: EvalConfig = EvalConfig()
-    output_dir: str = "runs"
+    output_dir: str = PathField("runs")
     optim: OptimConfig = OptimConfig()
     workers: WorkersConfig = WorkersConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -220,8 +201,6 @@ class TrainConfig(PreprocessConfig):
             raise ValueError(
                 "training needs a held-out split (data.val_fraction > 0): checkpoints are ranked by held-out loss"
             )
-        if self.task == "coco" and self.vision is None:
-            raise ValueError("task 'coco' captions images: it needs a `vision` section (the image encoder)")
         return self
 
 

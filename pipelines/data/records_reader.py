@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from pipelines.data_source import DataSourceError, Source
+from pipelines.data.sources import DataSourceError, Source
 
 FIELDS = ("instruction", "input", "output")
 FILE_SHIFT = 40

@@ -1,6 +1,6 @@
-"""The training-record layout of the multimodal tasks (ScienceQA, COCO Caption), shared by their
-Ray Data jobs (`pipelines/scienceqa.py`, `pipelines/coco.py`); the encoder tasks'
-(`pipelines/encoder_data.py`) write their own columns through the same `write_output`.
+"""The training-record layout every task but Alpaca writes through `write_output` (Alpaca's own
+streaming writer is pipelines/data/instructions.py): ScienceQA and COCO with the columns below,
+the backbone tasks with their own columns.
 
 The output is the layout the training job reads for Alpaca (`<out>/train/*.parquet`,
 `<out>/val/*.parquet` with idx, input_ids, labels, num_tokens, num_response_tokens, truncated;
@@ -24,8 +24,8 @@ import pyarrow as pa
 from adapter.adapter import IGNORE_INDEX
 from adapter.image_encoder import ImageError, decode_image
 from adapter.settings import save_config
-from pipelines.data_source import sha256_of
-from pipelines.folders import fresh_tmp, replace_dir
+from pipelines.data.folders import fresh_tmp, replace_dir
+from pipelines.data.sources import sha256_of
 
 FORMAT_VERSION = 1  # bump when the records written change meaning
 RECORD_COLUMNS = ["idx", "key", "input_ids", "labels", "num_tokens", "num_response_tokens", "truncated", "image"]
@@ -171,3 +171,15 @@ def from_rows(rows: list[dict], block_size: int = 500):
 
     table = pa.Table.from_pylist(rows)
     return ray.data.from_arrow([table.slice(i, block_size) for i in range(0, max(1, len(rows)), block_size)])
+
+
+def changed_settings(out: Path, expected: dict) -> list[str] | None:
+    """None when `out` holds no finished output; else the settings it was built with that differ."""
+    stats_path = Path(out) / "stats.json"
+    if not stats_path.is_file():
+        return None
+    try:
+        built = json.loads(stats_path.read_text()).get("fingerprint") or {}
+    except json.JSONDecodeError:
+        return ["stats.json (unreadable)"]
+    return [f"{k}: {built.get(k)!r} -> {v!r}" for k, v in expected.items() if built.get(k) != v]

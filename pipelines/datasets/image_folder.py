@@ -1,7 +1,7 @@
 """Image classification data as a class-per-folder tree (VTAB-1k's released layout, torchvision's
 ImageFolder): `<split>/<class>/<file>`, labels numbered by the sorted class folder names.
 
-    python -m pipelines.image_folder digits OUT [--size 32] [--val-fraction 0.2] [--seed 0]
+    python -m pipelines.datasets.image_folder digits OUT [--size 32] [--val-fraction 0.2] [--seed 0]
 
 `digits` writes scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes, no
 download) in that layout: a real, small, offline classification set for the ViT adapter
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run it as `pipelines.image_folder`, not `__main__`: what this module hands to Ray workers must be
+    # Run it as `pipelines.datasets.image_folder`, not `__main__`: what this module hands to Ray workers must be
     # importable there by its module name.
-    from pipelines.image_folder import main as _main
+    from pipelines.datasets.image_folder import main as _main
 
     _main()

@@ -1,5 +1,5 @@
-"""Batch inference for the evaluation jobs: a Ray Data callable class holding one model replica
-(frozen base + image encoder + adapter) per actor, answering greedily (METHOD.md section 6).
+"""Batch inference of the LLaMA-family tasks' evaluations: a Ray Data callable class holding one model replica
+(frozen base + image encoder + adapter) per actor, answering greedily (docs/method.md, "Inference").
 
 Rows carry `key`, `prompt` (text) and `image` (file bytes or null). A row that cannot be answered
 (an unreadable image, a prompt longer than the model's context) gets an `error` and no generation;
@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from adapter.adapter_file import load_adapter
@@ -19,7 +20,8 @@ from adapter.decoding import SamplingParams, generate
 from adapter.image_encoder import ImageEncoder, ImageError, decode_image, features_for
 from adapter.loader import load_model
 from adapter.model import PromptKV
-from pipelines.config import EvalConfig, TrainConfig
+from pipelines.evaluation.actor_pool import map_with_actor_pool
+from pipelines.job_config import TrainConfig
 
 
 def split_rows(prefixes: dict[int, PromptKV], n: int) -> list[dict[int, PromptKV]]:
@@ -91,8 +93,6 @@ class Predictor:
 
 def predict(cfg: TrainConfig, adapter_path: str, rows: list[dict]) -> list[dict]:
     """Run `rows` ({key, prompt, image}) through an actor pool of Predictors; results by key."""
-    import pyarrow as pa
-
     e = cfg.evaluation
     # Rows of similar length share a batch: a left-padded batch costs its longest prompt squared
     # in attention (ScienceQA prompts run from ~50 to ~800 tokens). Results are matched by key.
@@ -101,21 +101,3 @@ def predict(cfg: TrainConfig, adapter_path: str, rows: list[dict]) -> list[dict]
         rows, schema=pa.schema([("key", pa.string()), ("prompt", pa.string()), ("image", pa.binary())])
     )
     return map_with_actor_pool(table, Predictor, (cfg.model_dump(mode="json"), adapter_path, e.max_gen_len), e)
-
-
-def map_with_actor_pool(table, predictor: type, args: tuple, e: EvalConfig) -> list[dict]:
-    """Rows through `predictor(*args)` held in `e.actors` Ray Data actors (each loads its model
-    once), `e.batch_size` rows per call, the GPU share Ray reserves per actor; results on the driver."""
-    import ray
-
-    size = max(1, e.batch_size * 4)
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
-    resources = {"num_cpus": e.cpus_per_actor, **({"num_gpus": e.gpus_per_actor} if e.gpus_per_actor else {})}
-    return ds.map_batches(
-        predictor,
-        fn_constructor_args=args,
-        batch_size=e.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=e.actors),
-        **resources,
-    ).take_all()
