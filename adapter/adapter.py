@@ -1,6 +1,6 @@
 """LLaMA-Adapter: adaption prompts on the top L layers with zero-init, per-head gates.
 
-The method for LLaMA (METHOD.md sections 2-3): a (L, K, dim) prompt table and an (L, n_heads)
+The method for LLaMA (docs/method.md): a (L, K, dim) prompt table and an (L, n_heads)
 gate table (adapter/zero_init.py, shared with the ViT and RoBERTa adapters). For each adapted
 layer the prompt goes through that layer's frozen wk / wv (no rotary) and the model attends to it with a separate softmax, scaled by tanh(gate). Gates
 start at 0, so an untrained adapter leaves the base model's outputs exactly unchanged.
@@ -91,7 +91,7 @@ class AdaptionPrompts(GatedPrompts):
         """Per adapted layer, the prompt's keys/values through that layer's frozen wk/wv.
 
         image_tokens: (B, dim) from `image_tokens`, added to every layer's prompt (P_l + repeat(I_p),
-        METHOD.md section 7); the keys/values then have one row per image.
+        docs/multimodal.md); the keys/values then have one row per image.
         At generation time call this once per request: the result does not depend on the tokens.
         """
         gates = self.activated_gate()

@@ -4,7 +4,7 @@ A file is only ever loaded against a base model: any mismatch (layers, width, he
 length) is refused with the names of what differs, and anything that is not a safetensors file
 (a pickle, a truncated download) is refused by name, never unpickled.
 
-A multimodal adapter (METHOD.md section 7) also carries its visual projection (`projection.*`
+A multimodal adapter (docs/multimodal.md) also carries its visual projection (`projection.*`
 tensors) and, in the metadata, the identity of the image encoder it was trained with: loading it
 for another encoder, or loading a text-only file where images are expected, is refused by name.
 """
@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from adapter.adapter import AdapterConfig, AdaptionPrompts
+from adapter.image_encoder import VisualProjection, describe_encoder, same_encoder
 from adapter.model_args import ModelArgs
 
 FORMAT = "llama-adapter"
@@ -168,8 +169,6 @@ def load_adapter(
 
 
 def _check_encoder(path: Path, vision: dict | None, encoder: dict | None) -> None:
-    from adapter.image_encoder import describe_encoder, same_encoder
-
     if encoder is None:
         return
     if vision is None:
@@ -185,8 +184,6 @@ def _check_encoder(path: Path, vision: dict | None, encoder: dict | None) -> Non
 
 
 def _projection(path: Path, meta: dict, args: ModelArgs):
-    from adapter.image_encoder import VisualProjection
-
     vision = meta["vision"]
     if vision is None:
         return None

@@ -1,4 +1,4 @@
-"""Loading frozen base weights from the formats users hold (METHOD.md section 1).
+"""Loading frozen base weights from the formats users hold (docs/method.md).
 
 Memory-conscious: the model is built on the meta device (no storage), shards are opened with
 `mmap` where torch allows, and tensors are assigned into the model rather than copied into a

@@ -16,7 +16,7 @@ import torch
 from adapter.adapter import AdaptionPrompts, batch_prefixes
 from adapter.model import PromptKV, Transformer
 
-DEFAULT_TEMPERATURE = 0.1  # METHOD.md section 6: instruction following
+DEFAULT_TEMPERATURE = 0.1  # docs/method.md: instruction following
 DEFAULT_TOP_P = 0.75
 
 

@@ -14,7 +14,7 @@ lookup and the optimizer step are left out, as nanoGPT leaves them out):
   (dX = dY W^T), as many FLOPs as its forward; attention's QK^T and PV multiply two
   activations, so their backward is 2 x their forward. Forward + backward of the adapted part
   is therefore about 2 x its forward, and for LLaMA-7B with L = 30 of 32 layers the whole step
-  is about 4 x parameters per token (METHOD.md section 5), not the 6 x of full training.
+  is about 4 x parameters per token (docs/training.md), not the 6 x of full training.
 
 The adapter's own FLOPs (prompt keys/values through wk/wv, once per step, not per token) are
 below 0.2% of a 7B step and are not counted.

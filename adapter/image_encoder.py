@@ -1,4 +1,4 @@
-"""The image side of the multimodal LLaMA-Adapter (METHOD.md section 7).
+"""The image side of the multimodal LLaMA-Adapter (docs/multimodal.md).
 
 A frozen CLIP vision tower (transformers' `CLIPVisionModel`, CLIP ViT-L/14 in the paper) gives a
 global feature (the CLS token, through the tower's own final LayerNorm) at several depths; the

@@ -181,7 +181,7 @@ class Transformer(nn.Module):
         own length, no padding; each row's slot is its position).
         pad: (B,) first real slot of each row (left padding); None means no padding.
         no_grad_below: layers below this index run without autograd: nothing trainable reaches
-        them when the adapter starts above (METHOD.md section 3).
+        them when the adapter starts above (docs/method.md).
         """
         bsz, seqlen = tokens.shape
         device = tokens.device

@@ -1,4 +1,4 @@
-"""Zero-init attention (METHOD.md sections 3 and 8): the one piece LLaMA, ViT and RoBERTa share.
+"""Zero-init attention (docs/method.md and docs/encoders.md): the one piece LLaMA, ViT and RoBERTa share.
 
 An adapted attention layer attends to its learnable prompt with a SEPARATE softmax and adds the
 result scaled by a per-head gate that starts at zero:

@@ -28,7 +28,7 @@ PEAK_A100_BF16 = 312e12
 GPUS = 8
 EPOCHS = 5
 MFU_ASSUMED = 0.35
-PAPER_TRAIN_PROBLEMS = 12_726  # ScienceQA's train split (METHOD.md section 7)
+PAPER_TRAIN_PROBLEMS = 12_726  # ScienceQA's train split (docs/multimodal.md)
 # CLIP ViT-L/14 at 224 px: 24 blocks of width 1024 (~303M weights) over 257 tokens; forward only,
 # once per image per run (the tower is frozen and the recipe encodes each image once).
 CLIP_L14_PARAMS = 303_000_000

@@ -374,7 +374,7 @@ def memory_table(micro_batches: tuple[int, ...] = (1, 4), seq_len: int = 512, re
             "row holds everything in fp32 (activations scaled x2 from the bf16 count); adapter and AdamW state fp32",
             "adapter": config.to_dict(),
             "sequence": f"{seq_len} tokens per row (max_seq_len), {response_share:.0%} of them "
-            "response tokens (the Alpaca average, METHOD.md section 5) whose logits the loss computes",
+            "response tokens (the Alpaca average, docs/training.md) whose logits the loss computes",
             "activations": "tensors saved for backward in each adapted layer, counted on one block of the real shape (bf16, "
             "fused attention: no T x T matrix kept); logits fp32 + their gradient at response positions",
             "transients": "the largest dequantized weight (quantized bases) and the logits gradient",

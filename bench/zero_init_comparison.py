@@ -1,4 +1,4 @@
-"""The ICLR comparison on the same data and budget (METHOD.md section 8): zero-init gated prompts
+"""The ICLR comparison on the same data and budget (docs/encoders.md): zero-init gated prompts
 vs the same prompts with the gate fixed at 1 (no gating: random prompts at full weight from step 0) vs a linear probe (head only),
 each trained by `pipelines.train` (Ray Train, 2 CPU workers) and scored by `pipelines.evaluate`.
 

@@ -148,7 +148,7 @@ class EvalConfig(Section):
 
 class BackboneSection(Section):
     """Zero-init prompts on a frozen ViT (task image-classification) or RoBERTa (task squad),
-    METHOD.md section 8. Held-out data: the image folder's val/ split (else a hash split of train/
+    docs/encoders.md. Held-out data: the image folder's val/ split (else a hash split of train/
     by data.val_fraction); for SQuAD a hash split of the training questions."""
 
     weights: str = PathField(
@@ -182,7 +182,7 @@ class PreprocessConfig(Section):
 
 class TrainConfig(PreprocessConfig):
     name: str = "adapter-run"
-    # Multimodal (METHOD.md section 7): the frozen image encoder and the sets' own settings.
+    # Multimodal (docs/multimodal.md): the frozen image encoder and the sets' own settings.
     vision: VisionConfig | None = None
     scienceqa: ScienceQAData = ScienceQAData()
     coco: CocoData = CocoData()

@@ -159,7 +159,7 @@ def render_chat(messages: list[ChatMessage], template: str = "alpaca") -> str:
 
 def chat_image(messages: list[ChatMessage]) -> str | None:
     """The request's one image URL, if any: the adapter conditions on one image per prompt
-    (METHOD.md section 7), so more than one, or one outside a user message, is refused."""
+    (docs/multimodal.md), so more than one, or one outside a user message, is refused."""
     found = [(m.role, url) for m in messages for url in m.image_urls()]
     if len(found) > 1:
         raise ValueError(f"this server takes one image per request; the messages hold {len(found)}")

@@ -154,7 +154,7 @@ class AdapterServer:
         loaded = load_model(cfg.model, device=cfg.model.device or ("cuda" if ray.get_gpu_ids() else "cpu"))
         log.info("LLaMA-Adapter replica: %s on %s (%s)", loaded.note, loaded.device, loaded.dtype)
         self.base, self.tok = loaded.base, loaded.tokenizer
-        # Multimodal adapters (METHOD.md section 7): one frozen image encoder per replica, if configured.
+        # Multimodal adapters (docs/multimodal.md): one frozen image encoder per replica, if configured.
         self.encoder = None if cfg.vision is None else ImageEncoder(cfg.vision, loaded.device, loaded.dtype)
         self.image_slots = asyncio.Semaphore(cfg.max_concurrent_images)
         self.adapters = AdapterStore(
@@ -229,7 +229,7 @@ class AdapterServer:
             raise ApiError(500, f"adapter could not be loaded: {e}", "model", "adapter_unloadable") from None
 
     async def _image_prefixes(self, model: str, adapter: LoadedAdapter | None, url: str):
-        """The row's prompt keys/values with this image's token added (METHOD.md section 7):
+        """The row's prompt keys/values with this image's token added (docs/multimodal.md):
         decoded, encoded and projected in a worker thread, so the engine loop never waits on it."""
         if adapter is None:
             raise ApiError(

@@ -1,4 +1,4 @@
-"""Zero-init gated attention: the properties METHOD.md section 3 says tests must show."""
+"""Zero-init gated attention: the properties docs/method.md says tests must show."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Zero-init attention on ViT and RoBERTa (METHOD.md sections 3 and 8), on tiny random backbones:
+"""Zero-init attention on ViT and RoBERTa (docs/method.md and docs/encoders.md), on tiny random backbones:
 exactly the backbone at gate 0, only the adapter learns, torchvision's ViT layout, adapter files."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from adapter.model_args import ModelArgs
 from adapter.tokenizer import Tokenizer
 from tests.conftest import shared_file
 
-# Written from METHOD.md section 1, independently of the loader's own table.
+# Written from docs/method.md, independently of the loader's own table.
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")
 ROW_PARALLEL = ("wo", "w2", "tok_embeddings")
 

@@ -1,4 +1,4 @@
-"""Zero-init prompts beyond LLaMA through the real jobs (METHOD.md section 8): Ray Train (2 CPU
+"""Zero-init prompts beyond LLaMA through the real jobs (docs/encoders.md): Ray Train (2 CPU
 workers, gloo, DeepSpeed ZeRO-2) on scikit-learn's real digits with a tiny random ViT, and on a
 hand-made synthetic SQuAD v2.0 span task with a tiny random RoBERTa; then the evaluation jobs on
 Ray Data. The backbones are random (no pretrained weights reachable): the numbers show the

@@ -1,4 +1,4 @@
-"""The FLOP formula (adapter/flops.py) against the figures METHOD.md section 5 quotes, and the
+"""The FLOP formula (adapter/flops.py) against the figures docs/training.md quotes, and the
 peak table's name matching."""
 
 import pytest
@@ -18,7 +18,7 @@ LLAMA_7B = preset("llama-7b")
 
 
 def test_7b_training_is_about_4_flop_per_parameter_per_token():
-    # METHOD.md section 5: frozen-base training costs about 4 x 6.74e9 FLOP per token.
+    # docs/training.md: frozen-base training costs about 4 x 6.74e9 FLOP per token.
     f = training_flops_per_token(LLAMA_7B, adapted_layers=30, adapter_len=10, seq_len=512)
     assert f == pytest.approx(4 * 6.74e9, rel=0.10)
 

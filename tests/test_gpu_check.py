@@ -48,7 +48,7 @@ def test_time_limit_skips_and_records_instead_of_running(tmp_path):
 def test_embedded_lengths_are_the_real_distribution():
     pairs = gpu_check.ALPACA_LENGTHS
     assert len(pairs) == 200 and all(p < t <= 512 for t, p in pairs)
-    assert statistics.mean(t for t, _ in pairs) == pytest.approx(126.9, abs=1.0)  # METHOD.md: 127 average
+    assert statistics.mean(t for t, _ in pairs) == pytest.approx(126.9, abs=1.0)  # docs/method.md: 127 average
 
 
 def test_batches_are_length_grouped_and_padded_to_their_longest():

@@ -16,7 +16,7 @@ MODEL = {"base": "../shared/data/stories260K", "tokenizer": "../shared/data/stor
 def test_sections_are_adapters_own_types_with_their_defaults():
     cfg = serve_config({"model": MODEL})
     assert isinstance(cfg.model, ModelSource) and isinstance(cfg.sampling, SamplingParams)
-    # The request defaults are SamplingParams' own (METHOD.md's 0.1 / 0.75), not a copy in serve/.
+    # The request defaults are SamplingParams' own (docs/method.md: 0.1 / 0.75), not a copy in serve/.
     assert (cfg.sampling.temperature, cfg.sampling.top_p) == (SamplingParams().temperature, SamplingParams().top_p)
 
 

@@ -1,6 +1,6 @@
 """Zero-init attention on bidirectional encoders: ViT image classification, RoBERTa extractive QA.
 
-The ICLR version of LLaMA-Adapter (METHOD.md section 8) puts the same adaption prompts and
+The ICLR version of LLaMA-Adapter (docs/encoders.md) puts the same adaption prompts and
 zero-gated attention (section 3, adapter/zero_init.py) into the top L attention layers of other
 frozen models. Per adapted layer, with x the layer's attention input:
 
@@ -40,6 +40,7 @@ from torch import nn
 
 from adapter.adapter_file import FORMAT as LLAMA_ADAPTER_FORMAT
 from adapter.adapter_file import AdapterFileError, write_atomically
+from adapter.backbones.roberta import WEIGHTS_FILE, roberta_shape
 from adapter.hashing import sha256_of
 from adapter.settings import Section
 from adapter.zero_init import GatedPrompts, PromptKV, gated_prompt_attention
@@ -112,8 +113,6 @@ def vit_spec(vit, weights: str | Path | None = None) -> BackboneSpec:
 
 
 def roberta_spec(model, folder: str | Path | None = None) -> BackboneSpec:
-    from adapter.backbones.roberta import WEIGHTS_FILE, roberta_shape
-
     identity = None if folder is None else file_identity(Path(folder) / WEIGHTS_FILE)
     return BackboneSpec("roberta", roberta_shape(model), identity)
 

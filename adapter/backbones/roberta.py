@@ -1,4 +1,4 @@
-"""RoBERTa: the frozen text backbone of the encoder adapter for extractive QA (METHOD.md section 8).
+"""RoBERTa: the frozen text backbone of the encoder adapter for extractive QA (docs/encoders.md).
 
 The backbone is transformers' `RobertaModel` (already a dependency; it reads safetensors folders
 without unpickling anything), without its pooler: span extraction reads every token's last

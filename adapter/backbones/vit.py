@@ -1,4 +1,4 @@
-"""ViT-B/16 as torchvision builds it: the frozen image backbone of the encoder adapter (METHOD.md section 8).
+"""ViT-B/16 as torchvision builds it: the frozen image backbone of the encoder adapter (docs/encoders.md).
 
 Why our own module: torchvision cannot be installed beside this project's torch build (its
 compiled ops fail to import), yet torchvision's `vit_b_16` checkpoints are the weights people

@@ -2,7 +2,7 @@
 The alpaca task (pipelines/tasks/alpaca.py) builds its records here; the preprocessing job
 (`python -m pipelines.preprocess`) and the training driver call it through the task.
 
-Each record becomes BOS + prompt + response + EOS (METHOD.md section 4), with the prompt and
+Each record becomes BOS + prompt + response + EOS (docs/method.md), with the prompt and
 BOS labelled IGNORE_INDEX (-100, not 0, which is <unk>). The prompt and the response are
 tokenized separately: the prompt exactly as the model sees it at inference time, the response
 as the model should produce it, so the loss mask never straddles a merged piece. Sequences longer

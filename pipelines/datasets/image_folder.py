@@ -5,7 +5,7 @@ ImageFolder): `<split>/<class>/<file>`, labels numbered by the sorted class fold
 
 `digits` writes scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes, no
 download) in that layout: a real, small, offline classification set for the ViT adapter
-(METHOD.md section 8) to be trained and checked on. `list_image_folder` reads any such split.
+(docs/encoders.md) to be trained and checked on. `list_image_folder` reads any such split.
 """
 
 from __future__ import annotations

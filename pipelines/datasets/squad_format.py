@@ -1,4 +1,4 @@
-"""SQuAD v1.1 / v2.0 for extractive QA (METHOD.md section 8): the official JSON read into flat
+"""SQuAD v1.1 / v2.0 for extractive QA (docs/encoders.md): the official JSON read into flat
 examples, the windowed token features a span-prediction head trains and evaluates on, and the
 post-processing that turns start / end logits back into answer text.
 

@@ -1,6 +1,6 @@
 """Turning a worker's share of the tokenized records into micro-batches.
 
-Batches are padded only to their longest member (not to 512: METHOD.md section 5 measures ~3/4
+Batches are padded only to their longest member (not to 512: docs/training.md measures ~3/4
 of the authors' compute as padding) and, where asked, grouped by length: records are shuffled,
 cut into buckets of many micro-batches, sorted by length inside a bucket, and the micro-batches
 shuffled again, so each batch holds records of similar length while the order stays random.
