@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -39,6 +40,20 @@ PATH_MARK = "project_path"  # json_schema_extra key of fields that hold a path
 def PathField(default=..., **kwargs):  # noqa: N802 - used like pydantic's Field
     """A config field holding a path: `with_project_paths` resolves it by the project-root rule."""
     return Field(default, json_schema_extra={PATH_MARK: True}, **kwargs)
+
+
+class InputError(Exception):
+    """Something the user supplied (a file, a model name, a URL) is missing or unusable. The
+    command-line entry points print its message on one line instead of a traceback."""
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Run a job's `main`; an InputError (or a missing file) ends it with one line and exit code 2."""
+    try:
+        return main(argv)
+    except (InputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class Section(BaseModel):

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from adapter.settings import add_config_args, config_from_args, with_project_paths
+from adapter.settings import add_config_args, config_from_args, run_cli, with_project_paths
 from pipelines.job_config import TrainConfig
 from pipelines.ray_session import connect
 from pipelines.tasks import Task, task_for
@@ -48,4 +48,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,7 @@ import ray.train
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from adapter.settings import add_config_args, config_from_args, project_path, save_config, with_project_paths
+from adapter.settings import add_config_args, config_from_args, project_path, run_cli, save_config, with_project_paths
 from pipelines.data.folders import fresh_tmp, replace_dir
 from pipelines.data.record_output import changed_settings
 from pipelines.job_config import TrainConfig
@@ -171,4 +171,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

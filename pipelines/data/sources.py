@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter.hashing import sha256_of
+from adapter.settings import InputError
 
 CANONICAL_ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 CANONICAL_ALPACA_SHA256 = "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419"
@@ -34,7 +35,7 @@ DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".pq")
 COMPRESSED_SUFFIXES = ("", ".gz", ".bz2", ".zst", ".lz4")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(InputError, RuntimeError):
     """The data cannot be read at all (as opposed to single bad records, which are set aside)."""
 
 
