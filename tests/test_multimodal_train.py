@@ -18,8 +18,8 @@ from adapter.image_encoder import ImageEncoder, features_for, save_random_encode
 from pipelines.coco import read_captions
 from pipelines.config import TrainConfig
 from tests.conftest import shared_file
-from tests.test_scienceqa import draw_images
 from tests.test_image_encoder import png
+from tests.test_scienceqa import draw_images
 
 
 def coco_layout(root, n_train: int):
@@ -305,8 +305,8 @@ def test_image_requests_are_refused_with_a_message_and_neighbours_are_unaffected
         "remote URL": (image_chat("mm", "https://example.com/cat.jpg"), 400, "remote image URLs are not fetched"),
         "text-only adapter": (image_chat("plain", data_uri(jpeg)), 400, "text-only adapter"),
         "base model": (image_chat("stories260k", data_uri(jpeg)), 400, "cannot take images"),
-        "corrupt image": (image_chat("mm", data_uri(b"\xff\xd8\xff not a jpeg")), 400, "not a readable image"),
-        "truncated image": (image_chat("mm", data_uri(jpeg[: len(jpeg) // 2])), 400, "not a readable image"),
+        "corrupt image": (image_chat("mm", data_uri(b"\xff\xd8\xff not a jpeg")), 400, "image: JPEG is"),
+        "truncated image": (image_chat("mm", data_uri(jpeg[: len(jpeg) // 2])), 400, "JPEG is truncated"),
         "oversized image": (image_chat("mm", data_uri(b"\0" * 400_000)), 400, "larger than this server's limit"),
         "not base64": (image_chat("mm", "data:image/png;base64,@@@@"), 400, "not valid base64"),
         "not an image type": (image_chat("mm", data_uri(jpeg, "text/html")), 400, "not image/*"),
