@@ -20,14 +20,16 @@ import io
 import time
 
 import psutil
+from PIL import Image
 
+from adapter.image_decode import ImageLimits
 from bench.common import RESULTS, bar_chart, write_result
+from serve.image_worker import ImageDecoders, WorkerSpec
+from serve.serve_config import ServeConfig
 
 
 def _image(mode: str, size: tuple[int, int]):
     """A smooth gradient (small files; decoding memory does not depend on the content)."""
-    from PIL import Image
-
     w, h = size
     grad = Image.linear_gradient("L").resize((w, h))
     bands = {"L": [grad], "RGB": [grad, grad.transpose(Image.Transpose.FLIP_LEFT_RIGHT), grad], "RGBA": None}
@@ -59,10 +61,9 @@ def cases(pixels: int) -> dict[str, bytes]:
 
 
 async def measure(pixels: int) -> dict:
-    from adapter.image_decode import ImageLimits
-    from serve.image_worker import ImageDecoders, WorkerSpec
-
-    spec = WorkerSpec(ImageLimits(pixels, 100, 100), cpu_seconds=60, memory_bytes=8 * 2**30, shrink=(224, 3))
+    # The Serve config's own memory limit: every layout at the pixel limit must decode under it.
+    memory = ServeConfig.model_fields["image_memory_bytes"].default
+    spec = WorkerSpec(ImageLimits(pixels, 100, 100), cpu_seconds=60, memory_bytes=memory, shrink=(224, 3))
     small = _encode("JPEG", _image("RGB", (64, 48)))
     images, size = cases(pixels)
     rows = {}
@@ -84,7 +85,13 @@ async def measure(pixels: int) -> dict:
         rows[name]["bytes_per_pixel"] = round(rows[name]["peak_mib"] * 2**20 / pixels, 2)
         print(name, rows[name], flush=True)
         await pool.close()
-    return {"pixels": pixels, "size": list(size), "child_baseline_mib": round(base / 2**20, 1), "cases": rows}
+    return {
+        "pixels": pixels,
+        "size": list(size),
+        "memory_limit_mib": memory // 2**20,
+        "child_baseline_mib": round(base / 2**20, 1),
+        "cases": rows,
+    }
 
 
 def _status(pid: int, key: str) -> int:
