@@ -18,7 +18,6 @@ adapter's projection is only ever used with the encoder it was trained against.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -26,13 +25,11 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from adapter.hashing import sha256_of
+from adapter.image_decode import ImageError, decode_image  # noqa: F401 (ImageError: re-exported for callers)
 from adapter.settings import PathField, Section, project_path
 
 WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
-MAX_IMAGE_PIXELS = 40_000_000  # a decompression bomb is refused, not decoded
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_ASPECT_RATIO = 20  # longer side / shorter side; COCO's most elongated images are about 6:1
 
 
 class VisionConfig(Section):
@@ -53,33 +50,6 @@ class VisionConfig(Section):
         if not v or min(v) < 1 or len(set(v)) != len(v):
             raise ValueError(f"feature_layers must be distinct depths >= 1, got {v}")
         return v
-
-
-class ImageError(ValueError):
-    """An image that cannot be used (unreadable, corrupt, too large); the message says which."""
-
-
-def decode_image(data: bytes):
-    """Bytes of a PNG / JPEG / ... -> an RGB PIL image, or ImageError naming the problem."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise ImageError("empty image")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"image of {len(data):,} bytes is over the {MAX_IMAGE_BYTES:,}-byte limit")
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise ImageError(f"image of {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
-        # Preprocessing scales the SHORT side to the model's size: a 1 x 1,000,000 strip (a few KB)
-        # would become a 224 x 224,000,000 image before the crop.
-        if max(img.width, img.height) > MAX_ASPECT_RATIO * min(img.width, img.height):
-            raise ImageError(f"image of {img.width}x{img.height} pixels is more than {MAX_ASPECT_RATIO}:1")
-        return img.convert("RGB")  # decodes fully: a truncated file fails here, not later
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
 
 
 def encoder_identity(folder: str | Path, feature_layers: tuple[int, ...]) -> dict:
@@ -156,6 +126,20 @@ class ImageEncoder:
         self.device, self.dtype = torch.device(device), dtype
         tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
         self.final_norm = tower.post_layernorm
+
+    def shrink_rule(self) -> tuple[int, int] | None:
+        """(shortest edge, PIL filter) of the preprocessing's first resize, which a decoder may apply
+        early (`adapter.image_decode.shrink_for_encoder`) without changing the features; None where
+        the preprocessing resizes otherwise."""
+        p = self.processor
+
+        def size(key):  # a dict in transformers 4, a SizeDict in 5
+            return p.size.get(key) if isinstance(p.size, dict) else getattr(p.size, key, None)
+
+        edge = size("shortest_edge")
+        if not p.do_resize or not edge or size("longest_edge") or size("height"):
+            return None
+        return int(edge), int(p.resample)
 
     def pixels(self, images: list) -> torch.Tensor:
         """PIL images -> (B, 3, H, W) normalised as CLIP expects (resize, center crop, mean/std)."""

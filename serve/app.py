@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -34,7 +35,8 @@ from starlette.exceptions import HTTPException
 
 from adapter.adapter_file import AdapterFileError
 from adapter.decoding import SamplingParams
-from adapter.image_encoder import ImageEncoder, ImageError, features_for
+from adapter.image_decode import ImageError, ImageLimits, accepted_format
+from adapter.image_encoder import ImageEncoder
 from adapter.loader import load_model
 from adapter.settings import project_path
 from serve.adapters import AdapterStore, InvalidAdapterName, LoadedAdapter, UnknownAdapter
@@ -54,6 +56,7 @@ from serve.api import (
 from serve.engine import ContextOverflow, Engine, EngineFull, Sequence
 from serve.engine_loop import EngineLoop
 from serve.guard import GuardSettings, RequestGuard, configure
+from serve.image_worker import ImageDecoders, WorkerSpec
 from serve.images import ImageRequestError, image_bytes
 from serve.serve_config import ServeConfig, serve_config
 from serve.text import TextStream
@@ -156,7 +159,15 @@ class AdapterServer:
         self.base, self.tok = loaded.base, loaded.tokenizer
         # Multimodal adapters (docs/multimodal.md): one frozen image encoder per replica, if configured.
         self.encoder = None if cfg.vision is None else ImageEncoder(cfg.vision, loaded.device, loaded.dtype)
-        self.image_slots = asyncio.Semaphore(cfg.max_concurrent_images)
+        self.image_limits = ImageLimits(cfg.max_image_pixels, cfg.max_jpeg_scans, cfg.max_image_frames)
+        if self.encoder is not None:
+            spec = WorkerSpec(
+                self.image_limits, cfg.image_cpu_seconds, cfg.image_memory_bytes, self.encoder.shrink_rule()
+            )
+            # Decoding: child processes (serve/image_worker.py). Encoding the shrunk image: threads of
+            # its own, so images never queue in the default pool that tokenization waits for.
+            self.image_decoders = ImageDecoders(cfg.max_concurrent_images, spec)
+            self.image_encoding = ThreadPoolExecutor(cfg.max_concurrent_images, thread_name_prefix="image-encode")
         self.adapters = AdapterStore(
             resolved_paths(cfg)["adapters"],
             self.base,
@@ -229,8 +240,9 @@ class AdapterServer:
             raise ApiError(500, f"adapter could not be loaded: {e}", "model", "adapter_unloadable") from None
 
     async def _image_prefixes(self, model: str, adapter: LoadedAdapter | None, url: str):
-        """The row's prompt keys/values with this image's token added (docs/multimodal.md):
-        decoded, encoded and projected in a worker thread, so the engine loop never waits on it."""
+        """The row's prompt keys/values with this image's token added (docs/multimodal.md): decoded
+        in a child process under the image limits, then encoded and projected in a thread of the
+        image pool, so neither the engine loop nor tokenization waits on it."""
         if adapter is None:
             raise ApiError(
                 400,
@@ -242,8 +254,10 @@ class AdapterServer:
             raise ApiError(400, adapter.image_refusal, "messages", "image_not_supported")
         try:
             data = image_bytes(url, self.cfg.max_image_bytes)
-            async with self.image_slots:  # a burst of images waits here instead of filling memory
-                return await asyncio.to_thread(self._encode_image, adapter, data)
+            accepted_format(data, self.image_limits.formats)  # from the signature: refused without a slot
+            image = await self.image_decoders.decode(data)  # a burst waits for a slot instead of filling memory
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.image_encoding, self._encode_image, adapter, image)
         except (ImageRequestError, ImageError) as e:
             raise ApiError(400, f"image: {e}", "messages", "invalid_image") from None
         except Exception as e:  # whatever else an odd image makes the preprocessing raise: still this image's fault
@@ -251,9 +265,8 @@ class AdapterServer:
                 400, f"image could not be processed ({type(e).__name__})", "messages", "invalid_image"
             ) from None
 
-    def _encode_image(self, adapter: LoadedAdapter, data: bytes):
-        features, _ = features_for(self.encoder, [data])
-        return adapter.prefixes_for_image(self.base, features)
+    def _encode_image(self, adapter: LoadedAdapter, image):
+        return adapter.prefixes_for_image(self.base, self.encoder.features([image]))
 
     async def _admit(self, body, texts: list[str], param: str, max_tokens: int | None, prefixes):
         """Tokenize, check, and queue every row of a request: (prompt token counts, rows)."""

@@ -49,7 +49,9 @@ class ServeConfig(Section):
     max_concurrent_images: int = Field(
         2,
         ge=1,
-        description="images decoded and encoded at once per replica; more wait (each can take ~100 MB while decoded)",
+        description="images decoded at once per replica, each in its own child process (serve/image_worker.py); "
+        "more wait. Memory for images: at most this x (image_memory_bytes + ~40 MiB per child); the replica "
+        "itself keeps ~0.2 MB per image (docs/serving-images.md)",
     )
     max_image_bytes: int = Field(
         4 * 2**20,
@@ -57,6 +59,36 @@ class ServeConfig(Section):
         description="a larger image (decoded bytes) gets 400; the "
         "body limit applies first (raise max_body_bytes to "
         "about 4/3 of this to take such images)",
+    )
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="width x height from the image's header; larger: 400 before decoding. Measured peak "
+        "decoding memory per image (bench/image_memory.py): 7 bytes a pixel (baseline JPEG) to 9 "
+        "(progressive 4:4:4 JPEG), 8 (PNG), 16-18 (WebP): ~430 MiB at this default",
+    )
+    max_jpeg_scans: int = Field(
+        100,
+        ge=1,
+        description="scans of a JPEG, counted from its markers before decoding: each progressive scan is one "
+        "more pass over the whole image (an ordinary progressive JPEG has about 10)",
+    )
+    max_image_frames: int = Field(
+        1000,
+        ge=1,
+        description="frames of an animated GIF / WebP / PNG, counted before decoding (only the first is decoded)",
+    )
+    image_cpu_seconds: int = Field(
+        5,
+        ge=1,
+        description="CPU-seconds one image may take to decode and shrink (RLIMIT_CPU of its child process); "
+        "past that: 400. A 25M-pixel image took 0.3-1 s here",
+    )
+    image_memory_bytes: int = Field(
+        512 * 2**20,
+        ge=2**20,
+        description="address space one decoding child may add (RLIMIT_AS); past that: 400. Must hold an "
+        "image at max_image_pixels (see there: ~430 MiB at the defaults)",
     )
     api_key_env: str | None = Field(
         None,

@@ -38,3 +38,15 @@ def test_train_vs_peft_suite_runs_quick(tmp_path, monkeypatch):
     result = run(quick=True)
     assert result["epoch_seconds"]["ours"] > 0 and result["epoch_seconds"]["peft"] > 0
     assert json.loads((tmp_path / "train-vs-peft.json").read_text())["records"] == 16
+
+
+def test_image_memory_suite_writes_valid_json(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.image_memory.RESULTS", tmp_path)
+    monkeypatch.setattr("bench.common.RESULTS", tmp_path)
+    from bench.image_memory import run
+
+    result = run(pixels=300_000)
+    saved = json.loads((tmp_path / "image-memory.json").read_text())
+    assert set(saved["cases"]) == set(result["cases"]) and len(saved["cases"]) == 7
+    assert all(c["sent_to_replica_mib"] < 0.3 for c in saved["cases"].values())  # shrunk in the child
+    assert (tmp_path / "image-memory.png").read_bytes()[:4] == b"\x89PNG"
