@@ -26,14 +26,16 @@ WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "ball", "cake", "moon", "b
 class EncodeEcho:
     """Ray Data callable: each (instruction, word) row -> a tokenized record."""
 
-    def __init__(self, tokenizer: str, prompt_template: str):
-        self.tok, self.template = Tokenizer(tokenizer), prompt_template
+    def __init__(self, tokenizer: str, prompt_template: str, max_seq_len: int):
+        self.tok, self.template, self.max_seq_len = Tokenizer(tokenizer), prompt_template, max_seq_len
 
     def __call__(self, batch):
         rows = new_rows(batch.num_rows)
         rows["idx"], rows["key"] = batch.column("idx").to_pylist(), batch.column("key").to_pylist()
         for i, (split, word) in enumerate(zip(batch.column("split").to_pylist(), batch.column("word").to_pylist())):
-            set_record(rows, i, self.tok, render_prompt(self.template, f"Say {word}."), word, 64, split, None)
+            set_record(
+                rows, i, self.tok, render_prompt(self.template, f"Say {word}."), word, self.max_seq_len, split, None
+            )
         return pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA)
 
 
@@ -54,11 +56,13 @@ class Echo(LlamaTask):
         ]
         processed = from_rows(rows).map_batches(
             EncodeEcho,
-            fn_constructor_args=(cfg.model.tokenizer, self.prompt_template),
+            fn_constructor_args=(cfg.model.tokenizer, self.prompt_template, cfg.data.max_seq_len),
             batch_format="pyarrow",
             concurrency=1,
         )
-        return write_output(processed.materialize(), Path(cfg.data.out), cfg, self.fingerprint(cfg), {}, t0)
+        stats = write_output(processed.materialize(), Path(cfg.data.out), cfg, self.fingerprint(cfg), {}, t0)
+        assert stats["records_rejected"] == 0, stats["rejected_by_reason"]
+        return stats
 
     def evaluate(self, cfg: TrainConfig, adapter: str, out: Path) -> dict:
         rows = [{"key": w, "prompt": self.prompt(f"Say {w}."), "image": None} for w in WORDS]
@@ -101,7 +105,7 @@ def test_a_task_registered_from_a_test_file_runs_through_training_and_evaluation
                 "tokenizer": str(stories / "tokenizer.model"),
                 "adapter": {"adapter_len": 4, "adapter_layers": 2},
             },
-            "data": {"source": "generated-in-the-test", "out": str(tmp / "data"), "max_seq_len": 64},
+            "data": {"source": "generated-in-the-test", "out": str(tmp / "data"), "max_seq_len": 160},
             "optim": {"recipe": "custom", "lr": 0.05, "epochs": 6, "warmup_epochs": 0.5, "micro_batch_size": 4},
             "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
             "samples": {"instructions": ["Say cat."], "sampling": {"max_gen_len": 4, "temperature": 0}},
