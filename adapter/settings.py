@@ -40,9 +40,17 @@ class Section(BaseModel):
 class ModelSource(Section):
     """Where the frozen base and its tokenizer come from, and how it is held in memory."""
 
-    base: str | None = Field(None, description="Meta / Hugging Face checkpoint folder, or a llama2.c .bin")
+    base: str | None = Field(
+        None,
+        description="a catalogue model (python -m adapter.models list), a GGUF file, a Meta / Hugging Face "
+        "checkpoint folder, or a llama2.c .bin",
+    )
     preset: str | None = Field(None, description="random-initialised base of a named shape (last resort)")
-    tokenizer: str = Field(description="the base model's SentencePiece tokenizer.model")
+    tokenizer: str | None = Field(
+        None,
+        description="tokenizer.model (SentencePiece), tokenizer.json or a .gguf; unset: the base's own "
+        "(a GGUF file, or a folder holding tokenizer.json / tokenizer.model)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)"
     )
