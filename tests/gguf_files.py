@@ -24,7 +24,7 @@ CORPUS = [
     "東京は日本の首都です。北京是中国的首都。",
     "Emoji are fun 🎉🚀 and numbers like 2024 or 3.14159 appear in text.",
 ]
-DIM, N_LAYERS, N_HEADS, N_KV_HEADS, FFN, CONTEXT, THETA, EPS = 64, 2, 4, 2, 128, 128, 50000.0, 1e-5
+DIM, N_LAYERS, N_HEADS, N_KV_HEADS, FFN, CONTEXT, THETA, EPS = 64, 2, 4, 2, 128, 512, 50000.0, 1e-5
 
 
 def tiny_bpe(vocab_size: int = 400) -> Tokenizer:
