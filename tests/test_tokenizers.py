@@ -135,10 +135,10 @@ def test_real_smollm2_ids_equal_transformers(smollm2_tokenizers):
 
 def test_real_smollm2_cuts_digits_apart_first_as_llama_cpp(smollm2_tokenizers):
     """The file's pre-tokenizer is 'smollm': llama.cpp splits every digit off before the GPT-2 regex
-    (llama-vocab.cpp), as SmolLM2's own tokenizer.json does (Digits(individual_digits=True)). So a
-    run of spaces before a digit stays one run ('ĠĠ'), while transformers' GGUF conversion, which
-    uses the plain GPT-2 regex for this file, leaves a space attached to the digit's chunk. The two
-    agree everywhere else (test above); here llama.cpp's rule is what the model was trained with."""
+    (llama-vocab.cpp). So a run of spaces before a digit stays one run ('ĠĠ'), while transformers'
+    GGUF conversion, which uses the plain GPT-2 regex for this file, leaves a space attached to the
+    digit's chunk. The two agree everywhere else (test above); here we follow llama.cpp (see
+    docs/models.md: SmolLM2's own tokenizer.json is not reachable here to settle it)."""
     ours, ref = smollm2_tokenizers
     double_space = ours.tok.token_to_id("ĠĠ")
     assert ours.pieces("x  12") == [
