@@ -13,7 +13,7 @@ import torch
 
 from adapter.base_weights import context_length, load_base
 from adapter.model import Transformer, build_on_meta
-from adapter.model_args import preset
+from adapter.model_args import ModelArgs, preset
 from adapter.models import resolve_model
 from adapter.quantize import quantize_base
 from adapter.settings import ModelSource
@@ -95,6 +95,8 @@ def load_model(source: ModelSource, device: str | torch.device | None = None) ->
         note = f"RANDOM-INITIALISED base of preset {source.preset!r} ({why}a last resort: outputs are noise)"
     else:
         raise FileNotFoundError(f"model.base {base_path} not found and no model.preset fallback given")
+    if source.context is not None and source.context < base.args.max_seq_len:  # a cap, never an extension
+        base.args = ModelArgs.from_dict({**base.args.to_dict(), "max_seq_len": source.context})
     if tokenizer.vocab_size != base.args.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
@@ -110,7 +112,9 @@ def model_context(source: ModelSource) -> int:
     """The context length of the configured base, from its config file alone (no weights)."""
     base_path = base_path_of(source)
     if base_path and Path(base_path).exists():
-        return context_length(base_path)
-    if source.preset:
-        return preset(source.preset).max_seq_len
-    raise FileNotFoundError(f"model.base {base_path} not found and no model.preset fallback given")
+        own = context_length(base_path)
+    elif source.preset:
+        own = preset(source.preset).max_seq_len
+    else:
+        raise FileNotFoundError(f"model.base {base_path} not found and no model.preset fallback given")
+    return min(own, source.context) if source.context else own

@@ -51,6 +51,12 @@ class ModelSource(Section):
         description="tokenizer.model (SentencePiece), tokenizer.json or a .gguf; unset: the base's own "
         "(a GGUF file, or a folder holding tokenizer.json / tokenizer.model)",
     )
+    context: int | None = Field(
+        None,
+        ge=1,
+        description="cap the base's context in tokens (unset: the base's own, 8192 for SmolLM2); a Serve "
+        "replica pre-allocates max_batch_size x context of KV cache",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)"
     )

@@ -210,3 +210,14 @@ def test_gguf_types_named_in_the_refusal_are_real_ggml_types():
 
     assert {t.name for t in SUPPORTED_TYPES} == set(TOLERANCE)
     assert all(t in gguf.GGMLQuantizationType for t in SUPPORTED_TYPES)
+
+
+def test_model_context_caps_the_bases_context(tmp_path):
+    """`model.context` caps a long context (a Serve replica's KV cache is rows x context)."""
+    from adapter.loader import model_context
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    capped = ModelSource(base=str(path), context=64)
+    assert load_model(capped).base.args.max_seq_len == model_context(capped) == 64
+    assert model_context(ModelSource(base=str(path), context=10_000)) == CONTEXT  # never extended
