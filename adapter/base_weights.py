@@ -1,4 +1,5 @@
-"""Loading frozen base weights from the formats users hold (docs/method.md).
+"""Loading frozen base weights from the formats users hold (docs/models.md): Meta and
+Hugging Face checkpoint folders, llama2.c `.bin` files and GGUF files (adapter/gguf_base.py).
 
 Memory-conscious: the model is built on the meta device (no storage), shards are opened with
 `mmap` where torch allows, and tensors are assigned into the model rather than copied into a
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from adapter.gguf_base import gguf_context_length, is_gguf, read_gguf
 from adapter.model import Transformer, build_on_meta
 from adapter.model_args import ModelArgs, from_hf_config, from_meta_params
 
@@ -24,10 +26,14 @@ _SPLIT_DIM_1 = ("attention.wo.", "feed_forward.w2.", "tok_embeddings.")
 
 def detect_format(path: Path) -> str:
     path = Path(path)
+    if is_gguf(path):
+        return "gguf"
     if (path / "params.json").is_file():
         return "meta"
     if (path / "config.json").is_file():
         return "hf"
+    if path.is_file():
+        raise ValueError(f"{path}: not a checkpoint this loader reads (a .gguf, a llama2.c .bin, or a folder)")
     raise FileNotFoundError(f"{path}: no params.json (Meta layout) or config.json (Hugging Face layout) found")
 
 
@@ -37,8 +43,8 @@ def load_base(
     device: str | torch.device = "cpu",
     max_seq_len: int | None = None,
 ) -> Transformer:
-    """Load a frozen LLaMA from a Meta or Hugging Face checkpoint folder (or a llama2.c `.bin`
-    file), in eval mode, no grads."""
+    """Load a frozen LLaMA from a Meta or Hugging Face checkpoint folder, a GGUF file or a llama2.c
+    `.bin` file, in eval mode, no grads."""
     path = Path(path)
     if path.is_file() and path.suffix == ".bin":
         from adapter.llama2c import load_llama2c
@@ -48,11 +54,14 @@ def load_base(
             model.args = ModelArgs.from_dict({**model.args.to_dict(), "max_seq_len": max_seq_len})
         return model
     fmt = detect_format(path)
-    state, args = _read_meta(path) if fmt == "meta" else _read_hf(path)
+    state, args = {"meta": _read_meta, "hf": _read_hf, "gguf": read_gguf}[fmt](path)
     if max_seq_len is not None:
         args = ModelArgs.from_dict({**args.to_dict(), "max_seq_len": max_seq_len})
     model = build_on_meta(args)
     expected = model.state_dict()
+    if args.tie_embeddings:  # the output shares the embedding; it is tied again after loading
+        expected.pop("output.weight")
+        state.pop("output.weight", None)  # some HF checkpoints store the tied copy too
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -64,7 +73,11 @@ def load_base(
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
         state[name] = t.to(device=device, dtype=dtype)
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # assign=True gave each key its own Parameter
     model.requires_grad_(False)
     return model.eval()
 
@@ -76,7 +89,10 @@ def context_length(path: str | Path) -> int:
         from adapter.llama2c import read_header
 
         return read_header(path).max_seq_len
-    if detect_format(path) == "meta":
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        return gguf_context_length(path)
+    if fmt == "meta":
         return int(json.loads((path / "params.json").read_text()).get("max_seq_len", ModelArgs.max_seq_len))
     return from_hf_config(path / "config.json").max_seq_len
 

@@ -1,7 +1,9 @@
-"""`python -m adapter.generate --base DIR --tokenizer FILE [--adapter FILE] --prompt TEXT`
+"""`python -m adapter.generate --base DIR|FILE|NAME [--tokenizer FILE] [--adapter FILE] --prompt TEXT`
 
-Prints the completion. `--instruction` / `--input` apply the Alpaca template instead of a raw
-prompt; `--temperature 0` decodes greedily. `--image FILE [--encoder DIR]` conditions a multimodal
+Prints the completion. `--base` takes a checkpoint folder, a GGUF file or a catalogue name
+(`python -m adapter.models list`, fetched on first use); `--tokenizer` is needed only when the base
+carries none. `--instruction` / `--input` apply the Alpaca template instead of a raw prompt;
+`--chat` renders a user message with the base's own chat template; `--temperature 0` decodes greedily. `--image FILE [--encoder DIR]` conditions a multimodal
 adapter on an image (DIR: the CLIP tower it was trained with, by default the one its training.json
 names; another one is refused by name).
 """
@@ -16,19 +18,23 @@ import torch
 from adapter.adapter_file import AdapterFileError, import_v1_adapter, load_adapter, read_metadata
 from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.loader import load_model
+from adapter.models import ModelFetchError
 from adapter.prompts import format_prompt
 from adapter.settings import ModelSource
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="Meta (params.json) or Hugging Face (config.json) folder")
-    ap.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    ap.add_argument(
+        "--base", required=True, help="catalogue name, .gguf file, or Meta (params.json) / Hugging Face folder"
+    )
+    ap.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json (default: the base's own)")
     ap.add_argument("--adapter", help="adapter.safetensors (or its folder)")
     ap.add_argument("--v1-adapter", help="the authors' released v1 adapter .pth (imported, raw gates)")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="raw prompt text; repeat for a batch")
     g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
+    g.add_argument("--chat", help="a user message, rendered with the base's own chat template (no adapter)")
     ap.add_argument("--input", default="", help="optional input for --instruction")
     ap.add_argument("--image", help="image file for a multimodal adapter")
     ap.add_argument(
@@ -53,9 +59,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         loaded = load_model(
             ModelSource(base=a.base, tokenizer=a.tokenizer, dtype=a.dtype, device=a.device, quantize=a.quantize)
         )
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, ModelFetchError) as e:
         ap.error(str(e))
     base, tok, device = loaded.base, loaded.tokenizer, loaded.device
+    if a.chat is not None and (a.adapter or a.v1_adapter or tok.chat_template is None):
+        ap.error("--chat uses the base's own chat template: not with an adapter, and the base must carry one")
     adapter, visual = None, None
     if a.image:
         adapter, visual = _image_adapter(ap, a, base, device, loaded.dtype)
@@ -63,7 +71,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         adapter = load_adapter(a.adapter, base.args, device=device)
     elif a.v1_adapter:
         adapter = import_v1_adapter(a.v1_adapter, base.args).to(device)
-    texts = a.prompt if a.prompt else [format_prompt(a.instruction, a.input)]
+    if a.chat is not None:
+        texts = [tok.render_chat([{"role": "user", "content": a.chat}])]
+    else:
+        texts = a.prompt if a.prompt else [format_prompt(a.instruction, a.input)]
     params = SamplingParams(max_gen_len=a.max_gen_len, temperature=a.temperature, top_p=a.top_p)
     gen = torch.Generator(device=device).manual_seed(a.seed)
     if visual is not None:

@@ -165,6 +165,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:  # one matrix in and out; .to() and load_state_dict keep them one
+            self.output.weight = self.tok_embeddings.weight
 
     def hidden(
         self,

@@ -25,6 +25,7 @@ class ModelArgs:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    tie_embeddings: bool = False  # output projection shares the token embedding's matrix (SmolLM2, ...)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -118,8 +119,6 @@ def from_hf_config(path: Path) -> ModelArgs:
     arch = c.get("architectures") or ["LlamaForCausalLM"]
     if c.get("model_type", "llama") != "llama":
         raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not a LLaMA ({arch})")
-    if c.get("tie_word_embeddings"):
-        raise ValueError(f"{path}: tied word embeddings are not a LLaMA layout")
     if c.get("rope_scaling"):
         raise ValueError(f"{path}: rope_scaling {c['rope_scaling']} is not supported")
     return ModelArgs(
@@ -132,4 +131,5 @@ def from_hf_config(path: Path) -> ModelArgs:
         norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=c.get("rope_theta", 10000.0),
         max_seq_len=c.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
     )

@@ -189,12 +189,15 @@ def quantize_base(base: Transformer, mode: str, device: torch.device | str | Non
     if device is not None:
         # The parameters left in the working dtype (embedding, norms, output) follow; quantized
         # layers are already there and are not moved again.
+        moved: dict[int, nn.Parameter] = {}  # a tied embedding/output matrix is moved once and stays one
         for module in base.modules():
             if is_quantized(module):
                 continue
             for name, p in list(module.named_parameters(recurse=False)):
                 if p.device != torch.device(device):
-                    setattr(module, name, nn.Parameter(p.detach().to(device), requires_grad=False))
+                    if id(p) not in moved:
+                        moved[id(p)] = nn.Parameter(p.detach().to(device), requires_grad=False)
+                    setattr(module, name, moved[id(p)])
     base.quantize = mode
     return base.requires_grad_(False).eval()
 

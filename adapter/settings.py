@@ -61,11 +61,27 @@ class Section(BaseModel):
 
 
 class ModelSource(Section):
-    """Where the frozen base and its tokenizer come from, and how it is held in memory."""
+    """Where the frozen base and its tokenizer come from, and how it is held in memory. `base` and
+    `tokenizer` are resolved when loaded (adapter.models.resolve_model: a catalogue name is fetched,
+    a path follows the project-root rule), so they are not PathFields."""
 
-    base: str | None = PathField(None, description="Meta / Hugging Face checkpoint folder, or a llama2.c .bin")
+    base: str | None = Field(
+        None,
+        description="a catalogue model (python -m adapter.models list), a GGUF file, a Meta / Hugging Face "
+        "checkpoint folder, or a llama2.c .bin",
+    )
     preset: str | None = Field(None, description="random-initialised base of a named shape (last resort)")
-    tokenizer: str = PathField(description="the base model's SentencePiece tokenizer.model")
+    tokenizer: str | None = Field(
+        None,
+        description="tokenizer.model (SentencePiece), tokenizer.json or a .gguf; unset: the base's own "
+        "(a GGUF file, or a folder holding tokenizer.json / tokenizer.model)",
+    )
+    context: int | None = Field(
+        None,
+        ge=1,
+        description="cap the base's context in tokens (unset: the base's own, 8192 for SmolLM2); a Serve "
+        "replica pre-allocates max_batch_size x context of KV cache",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="frozen weights; auto: bfloat16 on GPU, float32 on CPU (adapters stay float32)"
     )

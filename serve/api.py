@@ -157,6 +157,11 @@ def render_chat(messages: list[ChatMessage], template: str = "alpaca") -> str:
     return format_prompt(messages[last].text(), "\n".join(context))
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as a base model's own chat template takes them (text parts joined)."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
 def chat_image(messages: list[ChatMessage]) -> str | None:
     """The request's one image URL, if any: the adapter conditions on one image per prompt
     (docs/multimodal.md), so more than one, or one outside a user message, is refused."""

@@ -7,7 +7,8 @@ Routes (no `from __future__ import annotations` here: FastAPI must see real type
 /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events), GET
 /v1/models, GET /health. The request's `model` names an adapter from the adapter root, or the base
 by its configured name. A chat may carry one image (an `image_url` part with a data: URI) for a
-multimodal adapter when the config has a `vision:` encoder (serve/images.py). Requests join the replica's continuously batched engine
+multimodal adapter when the config has a `vision:` encoder (serve/images.py). A chat with the base
+is rendered with the base's own chat template when it has one (a GGUF's `tokenizer.chat_template`). Requests join the replica's continuously batched engine
 (serve/engine.py) as rows. Everything a request can get wrong is refused before it joins, with an
 OpenAI-shaped 4xx; a full engine answers 503 with Retry-After. The API key and the body limit are
 checked before the body is read (serve/guard.py); /docs and /openapi.json are off.
@@ -45,6 +46,7 @@ from serve.api import (
     CompletionRequest,
     chat_chunk,
     chat_image,
+    chat_messages,
     chat_response,
     completion_chunk,
     completion_response,
@@ -377,7 +379,10 @@ class AdapterServer:
         adapter = await self._adapter(body.model)
         try:
             image = chat_image(body.messages)
-            prompt = render_chat(body.messages, adapter.template if adapter else "alpaca")
+            if adapter is None and self.tok.chat_template is not None:  # the base in its own chat format
+                prompt = self.tok.render_chat(chat_messages(body.messages))
+            else:  # an adapter keeps the prompt template it was trained with
+                prompt = render_chat(body.messages, adapter.template if adapter else "alpaca")
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         prefixes = adapter.prefixes if adapter else None

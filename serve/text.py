@@ -7,11 +7,11 @@ ends just before it (the stop string is not returned, as OpenAI does).
 
 from __future__ import annotations
 
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import TextTokenizer
 
 
 class TextStream:
-    def __init__(self, tok: Tokenizer, stop: list[str] | None = None):
+    def __init__(self, tok: TextTokenizer, stop: list[str] | None = None):
         self.tok = tok
         self.stop = [s for s in (stop or []) if s]
         self.sent = ""

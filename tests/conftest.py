@@ -126,3 +126,15 @@ def server(ray_cluster, tmp_path_factory):
     yield base_url
     serve.delete("llama")
     serve.delete("secure")
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF from the model catalogue (fetched once into the model
+    cache, verified by sha256), or a skip that says why it is not here."""
+    from adapter.models import ModelFetchError, fetch
+
+    try:
+        return fetch("SmolLM2-135M-Instruct")
+    except ModelFetchError as e:
+        pytest.skip(f"real SmolLM2 not available (offline?): {e}")

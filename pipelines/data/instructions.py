@@ -41,10 +41,10 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from adapter.adapter import IGNORE_INDEX
-from adapter.loader import model_context
+from adapter.loader import model_context, tokenizer_for
 from adapter.prompts import format_prompt
 from adapter.settings import project_path, save_config
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import load_tokenizer
 from pipelines.data.folders import fresh_tmp, replace_dir
 from pipelines.data.records_reader import FIELDS, read_records
 from pipelines.data.sources import DataSourceError, Source, fetch, sha256_of, source_digest
@@ -115,7 +115,7 @@ class TokenizeBatch:
     unterminated]) rows into OUTPUT_SCHEMA rows, one out per row in."""
 
     def __init__(self, tokenizer_path: str, max_seq_len: int, val_fraction: float = 0.0, seed: int = 0):
-        self.tok = Tokenizer(tokenizer_path)
+        self.tok = load_tokenizer(tokenizer_path)
         self.max_seq_len = max_seq_len
         self.val_fraction, self.seed = val_fraction, seed
 
@@ -143,14 +143,16 @@ class TokenizeBatch:
             rows["reject_reason"][i], rows["reject_detail"][i] = reason, detail
             rows["raw"][i] = raws[i] if reason else None
         for i, p, r in zip(good, prompts, responses):
-            ids = [self.tok.bos_id] + p + r + [self.tok.eos_id]
-            labels = [IGNORE_INDEX] * (1 + len(p)) + r + [self.tok.eos_id]
+            # The base's start-of-sequence tokens (none for a base whose file says not to add one).
+            bos = self.tok.bos_prefix
+            ids = bos + p + r + [self.tok.eos_id]
+            labels = [IGNORE_INDEX] * (len(bos) + len(p)) + r + [self.tok.eos_id]
             truncated = len(ids) > self.max_seq_len
             ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
-            n_resp = len(labels) - min(len(labels), 1 + len(p))
+            n_resp = len(labels) - min(len(labels), len(bos) + len(p))
             if n_resp == 0:
                 rows["reject_reason"][i] = "no_response_tokens_after_truncation"
-                rows["reject_detail"][i] = f"prompt alone is {len(p) + 1} tokens, max_seq_len {self.max_seq_len}"
+                rows["reject_detail"][i] = f"prompt alone is {len(p) + len(bos)} tokens, max_seq_len {self.max_seq_len}"
                 rows["raw"][i] = raws[i]
                 continue
             rows["input_ids"][i], rows["labels"][i] = ids, labels
@@ -339,7 +341,7 @@ def fingerprint(cfg: PreprocessConfig, source: Source | Path) -> dict:
         "format": FORMAT_VERSION,
         "source_sha256": digest,
         "source_hashed": hashed,
-        "tokenizer_sha256": sha256_of(Path(project_path(cfg.model.tokenizer))),
+        "tokenizer_sha256": sha256_of(tokenizer_for(cfg.model).path),
         "max_seq_len": d.max_seq_len,
         "val_fraction": d.val_fraction,
         "seed": d.seed,
@@ -421,7 +423,7 @@ def run(cfg: PreprocessConfig, num_blocks: int | None = None) -> dict:
     check_context(cfg)
     d = cfg.data
     source = fetch(project_path(d.source), d.sha256)
-    tokenizer = project_path(cfg.model.tokenizer)
+    tokenizer = str(tokenizer_for(cfg.model).path)  # the base's own, or the configured file
     fp = fingerprint(cfg, source)  # before reading: what the records are built from
     if not ray.is_initialized():
         connect(cfg.ray)

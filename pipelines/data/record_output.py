@@ -63,10 +63,11 @@ def listing_digest(paths: list[Path]) -> str:
 
 
 def tokenize_pair(tok, prompt: str, response: str, max_seq_len: int) -> tuple[list[int], list[int], bool]:
-    """BOS + prompt + response + EOS, the prompt and BOS labelled IGNORE_INDEX; cut at the end."""
+    """BOS + prompt + response + EOS, the prompt and BOS labelled IGNORE_INDEX; cut at the end.
+    BOS is the base's start-of-sequence prefix (none for a base whose file says not to add one)."""
     p, r = tok.encode(prompt, bos=False), tok.encode(response, bos=False)
-    ids = [tok.bos_id] + p + r + [tok.eos_id]
-    labels = [IGNORE_INDEX] * (1 + len(p)) + r + [tok.eos_id]
+    ids = tok.bos_prefix + p + r + [tok.eos_id]
+    labels = [IGNORE_INDEX] * (len(tok.bos_prefix) + len(p)) + r + [tok.eos_id]
     return ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len
 
 

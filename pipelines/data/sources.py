@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter.hashing import sha256_of
+from adapter.models import cache_root
 from adapter.settings import InputError
 
 CANONICAL_ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 CANONICAL_ALPACA_SHA256 = "2eddafc6b977608d778aaab8dfc7e50e547b3af9826dfb9e909d9fc362e4a419"
-DEFAULT_CACHE = Path(os.environ.get("LLAMA_ADAPTER_CACHE", Path.home() / ".cache" / "llama-adapter-ray"))
+DEFAULT_CACHE = cache_root()  # downloaded data beside the fetched models (adapter/models.py)
 DOWNLOAD_SCHEMES = ("http", "https", "file")
 # What a folder or glob contributes: JSON (array or lines) and parquet, optionally compressed.
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".pq")

@@ -18,8 +18,9 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from adapter.loader import tokenizer_for
 from adapter.settings import project_path
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import load_tokenizer
 from pipelines.data.record_output import (
     FORMAT_VERSION,
     OUTPUT_SCHEMA,
@@ -102,7 +103,7 @@ class EncodeCaptions:
     """Ray Data callable class: tokenizer loaded once per actor; each image read and checked once a batch."""
 
     def __init__(self, tokenizer: str, max_seq_len: int, prompt: str):
-        self.tok, self.max_seq_len, self.prompt = Tokenizer(tokenizer), max_seq_len, prompt
+        self.tok, self.max_seq_len, self.prompt = load_tokenizer(tokenizer), max_seq_len, prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = new_rows(batch.num_rows)
@@ -144,7 +145,7 @@ class Coco(LlamaTask):
             "annotations_sha256": {f: sha256_file(source / f) for f in files},
             "images": listing_digest(sorted({Path(r["image_path"]) for r in input_rows(cfg)})),
             "instruction": c.instruction,
-            "tokenizer_sha256": sha256_file(Path(cfg.model.tokenizer)),
+            "tokenizer_sha256": sha256_file(tokenizer_for(cfg.model).path),
             "max_seq_len": cfg.data.max_seq_len,
             "limit": cfg.data.limit,
         }
@@ -158,7 +159,11 @@ class Coco(LlamaTask):
             from_rows(rows)
             .map_batches(
                 EncodeCaptions,
-                fn_constructor_args=(cfg.model.tokenizer, cfg.data.max_seq_len, self.prompt(cfg.coco.instruction)),
+                fn_constructor_args=(
+                    str(tokenizer_for(cfg.model).path),
+                    cfg.data.max_seq_len,
+                    self.prompt(cfg.coco.instruction),
+                ),
                 batch_format="pyarrow",
                 batch_size=256,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),

@@ -23,8 +23,9 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from adapter.loader import tokenizer_for
 from adapter.settings import project_path
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import load_tokenizer
 from pipelines.data.record_output import (
     FORMAT_VERSION,
     OUTPUT_SCHEMA,
@@ -198,7 +199,7 @@ class EncodeProblems:
     """Ray Data callable class: tokenizer loaded once per actor; images read and checked here."""
 
     def __init__(self, tokenizer: str, max_seq_len: int, missing_image: str, captions: dict[str, str]):
-        self.tok, self.max_seq_len, self.missing_image = Tokenizer(tokenizer), max_seq_len, missing_image
+        self.tok, self.max_seq_len, self.missing_image = load_tokenizer(tokenizer), max_seq_len, missing_image
         self.captions = captions
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -292,7 +293,7 @@ class ScienceQA(LlamaTask):
             "images": listing_digest(paths),
             "missing_image": cfg.scienceqa.missing_image,
             "captions_sha256": sha256_file(Path(cfg.scienceqa.captions)) if cfg.scienceqa.captions else None,
-            "tokenizer_sha256": sha256_file(Path(cfg.model.tokenizer)),
+            "tokenizer_sha256": sha256_file(tokenizer_for(cfg.model).path),
             "max_seq_len": cfg.data.max_seq_len,
             "limit": cfg.data.limit,
         }
@@ -307,7 +308,12 @@ class ScienceQA(LlamaTask):
             from_rows(rows)
             .map_batches(
                 EncodeProblems,
-                fn_constructor_args=(cfg.model.tokenizer, cfg.data.max_seq_len, cfg.scienceqa.missing_image, captions),
+                fn_constructor_args=(
+                    str(tokenizer_for(cfg.model).path),
+                    cfg.data.max_seq_len,
+                    cfg.scienceqa.missing_image,
+                    captions,
+                ),
                 batch_format="pyarrow",
                 batch_size=256,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
