@@ -22,6 +22,7 @@ import ray.train
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from adapter.models import is_catalogue_name
 from adapter.settings import add_config_args, config_from_args, project_path, run_cli, save_config, with_project_paths
 from pipelines.data.folders import fresh_tmp, replace_dir
 from pipelines.data.record_output import changed_settings
@@ -163,9 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("  evaluate:    python -m pipelines.evaluate --config <this config>")
     if m is not None:
         print(f"  samples:     {summary['samples']}")
+        base = m.base if is_catalogue_name(m.base or "") else project_path(m.base)
+        tokenizer = f" --tokenizer {project_path(m.tokenizer)}" if m.tokenizer else ""
         print(
-            f"  try it:      python -m adapter.generate --base {project_path(m.base)} --tokenizer "
-            f"{project_path(m.tokenizer)} --adapter {summary['adapter']} --instruction 'Tell me about alpacas.'"
+            f"  try it:      python -m adapter.generate --base {base}{tokenizer} --adapter {summary['adapter']} "
+            "--instruction 'Tell me about alpacas.'"
         )
     return summary
 
