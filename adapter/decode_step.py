@@ -1,4 +1,5 @@
-"""The serving decode step: one new token for each of B rows, every row at its own position.
+"""The serving forward: one new token for each of B rows (decode), or a chunk of each row's prompt
+(prefill), every row at its own position in its own cache slot.
 
 The same math as `Transformer.hidden` with a KV cache (adapter/model.py stays the readable
 reference and the training path), with the per-step work cut down, because at decode time a
@@ -92,43 +93,65 @@ class DecodeStep:
     def __call__(self, first: int, tokens: list[int], positions: list[int], prefixes: dict[int, PromptKV]):
         """Logits (B, vocab), fp32, for one new token per row."""
         device = self.phasors.device
-        tok = torch.tensor(tokens, device=device)
-        pos = torch.tensor(positions, device=device)
+        tok = torch.tensor(tokens, device=device)[:, None]
+        pos = torch.tensor(positions, device=device)[:, None]
         key_slots = torch.arange(max(positions) + 1, device=device)  # its length: the attention length
         if self.compiled and first == 0:
             torch._dynamo.mark_dynamic(key_slots, 0)  # one graph per bucket, whatever the length
             return self._run(tok, pos, key_slots, prefixes)
         return self._step(tok, pos, key_slots, prefixes, first)
 
-    def _step(self, tok, pos, key_slots, prefixes: dict[int, PromptKV], first: int = 0) -> torch.Tensor:
+    @torch.inference_mode()
+    def chunk(
+        self,
+        first: int,
+        tokens: torch.Tensor,
+        starts: list[int],
+        prefixes: dict[int, PromptKV],
+        out_rows: list[int],
+        out_at: list[int],
+    ) -> torch.Tensor:
+        """Prefill: tokens (B, T) at slots starts[b].. of rows first..first+B-1 (right padding
+        allowed: its keys land beyond the real ones and are never attended to by them). Logits
+        (len(out_rows), vocab) at token out_at[k] of row out_rows[k]."""
+        device = self.phasors.device
+        t = tokens.shape[1]
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)
+        key_slots = torch.arange(max(starts) + t, device=device)
+        last = (torch.tensor(out_rows, device=device), torch.tensor(out_at, device=device))
+        return self._step(tokens.to(device), pos, key_slots, prefixes, first, last)
+
+    def _step(self, tok, pos, key_slots, prefixes: dict[int, PromptKV], first: int = 0, last=None) -> torch.Tensor:
+        """tok, pos: (B, T). Logits at the last token of each row, or at `last` (rows, token index)."""
         base = self.base
-        b, h, kv, hd = tok.shape[0], self.n_heads, self.n_kv, self.head_dim
+        (b, t), h, kv, hd = tok.shape, self.n_heads, self.n_kv, self.head_dim
+        rows = torch.arange(b, device=tok.device)[:, None]
+        freqs = self.phasors[pos][:, :, None]  # (B, T, 1, hd/2)
+        mask = (key_slots[None, None] <= pos[:, :, None])[:, None]  # (B, 1, T, end)
         end = key_slots.shape[0]
-        rows = torch.arange(b, device=tok.device)
-        freqs = self.phasors[pos][:, None]  # (B, 1, hd/2)
-        mask = (key_slots[None] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end)
-        x = base.tok_embeddings(tok)  # (B, dim)
+        x = base.tok_embeddings(tok).flatten(0, 1)  # (B*T, dim): every matrix product on 2-D rows
+        dim = x.shape[-1]
         for i, layer in enumerate(base.layers):
             wqkv, w13 = self.fused[i]
-            attn = layer.attention
-            qkv = F.linear(F.rms_norm(x, (x.shape[-1],), layer.attention_norm.weight, self.eps), wqkv)
-            qk = torch.view_as_complex(qkv[:, : (h + kv) * hd].float().unflatten(-1, (h + kv, hd // 2, 2)))
-            qk = torch.view_as_real(qk * freqs).flatten(-2).type_as(x)  # (B, h + kv, hd)
-            q, k = qk[:, :h, None], qk[:, h:]
-            v = qkv[:, (h + kv) * hd :].unflatten(-1, (kv, hd))
+            qkv = F.linear(F.rms_norm(x, (dim,), layer.attention_norm.weight, self.eps), wqkv).unflatten(0, (b, t))
+            qk = torch.view_as_complex(qkv[..., : (h + kv) * hd].float().unflatten(-1, (h + kv, hd // 2, 2)))
+            qk = torch.view_as_real(qk * freqs).flatten(-2).type_as(x)  # (B, T, h + kv, hd)
+            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:]
+            v = qkv[..., (h + kv) * hd :].unflatten(-1, (kv, hd))
             cache = self.caches[i]
             ck, cv = cache.k[first : first + b], cache.v[first : first + b]
             ck[rows, :, pos] = k
             cv[rows, :, pos] = v
             out = F.scaled_dot_product_attention(
                 q, ck[:, :, :end], cv[:, :, :end], attn_mask=mask, enable_gqa=h != kv
-            )  # (B, h, 1, hd)
+            )  # (B, h, T, hd)
             prefix = prefixes.get(i)
             if prefix is not None:  # zero-init attention (adapter/zero_init.py)
                 out = out + gated_prompt_attention(q, prefix, h // kv)
-            x = torch.addmm(x, out.flatten(1), attn.wo.weight.t())
-            gu = F.linear(F.rms_norm(x, (x.shape[-1],), layer.ffn_norm.weight, self.eps), w13)
+            x = torch.addmm(x, out.transpose(1, 2).flatten(0, 1).flatten(1), layer.attention.wo.weight.t())
+            gu = F.linear(F.rms_norm(x, (dim,), layer.ffn_norm.weight, self.eps), w13)
             g, u = gu.chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(g) * u, layer.feed_forward.w2.weight.t())
-        x = F.rms_norm(x, (x.shape[-1],), base.norm.weight, self.eps)
-        return base.output(x).float()
+        x = x.unflatten(0, (b, t))
+        x = x[:, -1] if last is None else x[last]
+        return base.output(F.rms_norm(x, (dim,), base.norm.weight, self.eps)).float()

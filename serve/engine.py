@@ -41,9 +41,10 @@ slot). Paged blocks would pack memory tighter but need a paged-attention kernel;
 served here (LLaMA-7B, 2,048 context, 16 rows in bf16 is 16 GiB beside 13.5 GiB of weights on an
 80 GB GPU) the simple slots fit.
 
-The decode forward can be compiled (`compile_decode`, `adapter.decode_step.DecodeStep`): batch
-sizes are rounded up to a few buckets so shapes repeat, and each bucket is compiled once, at
-`warm_up()` (the replica's start), not on a request.
+Both forwards run `adapter.decode_step.DecodeStep` (fused projections, few ops per layer; the
+model's own `Transformer.hidden` stays the reference it is tested against). The decode forward
+can be compiled (`compile_decode`): batch sizes are rounded up to a few buckets so shapes repeat,
+and each bucket is compiled once, at `warm_up()` (the replica's start), not on a request.
 
 Adapters of different prompt lengths share a forward through per-row prompt masks
 (`adapter.decoding.stack_prefixes`); an image row is a row whose prefixes carry its image token.
@@ -331,17 +332,11 @@ class Engine:
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         for b, (seq, n) in enumerate(zip(rows, chunks)):
             tokens[b, :n] = torch.tensor(seq.prompt[seq.length : seq.length + n])
-        caches = [c.rows(first, first + len(rows)) for c in self.caches]
         prefixes = stack_prefixes([s.prefixes for s in rows]) if any(s.prefixes for s in rows) else {}
-        with torch.inference_mode():
-            h = self.base.hidden(
-                tokens.to(self.device), start=[s.length for s in rows], caches=caches, prefixes=prefixes
-            )
-            done = [b for b, (seq, n) in enumerate(zip(rows, chunks)) if seq.length + n == len(seq.prompt)]
-            logits = None
-            if done:
-                at = torch.tensor([chunks[b] - 1 for b in done], device=self.device)
-                logits = self.base.output(h[done, at]).float()
+        done = [b for b, (seq, n) in enumerate(zip(rows, chunks)) if seq.length + n == len(seq.prompt)]
+        at = [chunks[b] - 1 for b in done]
+        # No row completes: the pass still fills the caches; one row's logits are computed and unused.
+        logits = self.decoder.chunk(first, tokens, [s.length for s in rows], prefixes, done or [0], at or [0])
         for seq, n in zip(rows, chunks):
             seq.length += n
         return {rows[b]: logits[k] for k, b in enumerate(done)}
@@ -411,9 +406,9 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         with self.lock:
-            if seq.finish_reason is None:
-                seq.finish_reason = reason
+            if seq.finish_reason is None:  # counted first: a reader that sees `done` sees the count
                 self.finished[reason] = self.finished.get(reason, 0) + 1
+                seq.finish_reason = reason
 
     def fail_running(self, e: BaseException) -> list[Sequence]:
         """After a step raised outside the per-row handling: fail every row in a slot, free the slots."""

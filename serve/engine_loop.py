@@ -108,6 +108,8 @@ class AsyncEngine:
             if not seq.done:
                 self.engine.cancel(seq)
                 self.wake.set()
+            if self.rows.get(request_id) is seq:
+                del self.rows[request_id]
 
     def _notify(self, seqs) -> None:
         """Wake the streams of rows that changed; forget rows that are done (their stream holds

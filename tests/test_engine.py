@@ -230,7 +230,7 @@ def test_async_engine_streams_outputs_aborts_and_health_fails_when_the_loop_dies
         engine.abort(long.request_id, "stop")
         rest = [o async for o in stream]
         assert rest[-1].finish_reason == "stop" and len(rest[-1].token_ids) < 200 and first.token_ids
-        assert engine.stats()["running"] == 0 and not engine.rows
+        assert engine.stats()["finished"].get("stop") == 1 and not engine.rows
         server = type("Replica", (), {"engine": engine})()
         AdapterServer.func_or_class.check_health(server)  # healthy: no exception
         engine.task.cancel()
