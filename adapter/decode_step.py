@@ -84,10 +84,12 @@ class DecodeStep:
         return next(b for b in self.buckets if b >= n) if self.compiled else n
 
     def warm_up(self) -> None:
-        """Run (and compile) every bucket once on scratch positions; the caches' contents at
-        position 0 of each slot are overwritten, so call it before any row is admitted."""
+        """Run (and compile) every bucket once on scratch positions; the caches' first slots are
+        overwritten, so call it before any row is admitted."""
         for b in self.buckets if self.compiled else [1]:
-            self(0, [0] * b, [0] * b, {})
+            # Attention lengths 3 then 4: a length of 0 or 1 would be specialised by the compiler.
+            for end in (3, 4):
+                self(0, [0] * b, [end - 1] * b, {})
 
     @torch.inference_mode()
     def __call__(self, first: int, tokens: list[int], positions: list[int], prefixes: dict[int, PromptKV]):
