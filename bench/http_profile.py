@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def run(quick: bool = False) -> dict:
 
     from serve.app import build_app
 
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     stories = SHARED_DATA / "stories260K"
