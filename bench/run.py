@@ -18,6 +18,7 @@ SUITES = (
     "quantize",
     "multimodal",
     "decode",
+    "chunked-prefill",
     "zero-init-comparison",
 )
 
@@ -39,6 +40,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.multimodal_bench import run  # COCO evaluation images/s; ScienceQA 8 x A100 projection
     elif name == "decode":
         from bench.decode_bench import run  # greedy decoding tokens/s, ours vs Hugging Face generate
+    elif name == "chunked-prefill":
+        from bench.chunked_prefill_bench import run  # inter-token latency of running streams while long prompts arrive
     elif name == "zero-init-comparison":
         from bench.zero_init_comparison import run  # ViT / RoBERTa: zero-init vs gate fixed at 1 vs linear probe
     else:

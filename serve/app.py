@@ -8,8 +8,10 @@ Routes (no `from __future__ import annotations` here: FastAPI must see real type
 /v1/models, GET /health. The request's `model` names an adapter from the adapter root, or the base
 by its configured name. A chat may carry one image (an `image_url` part with a data: URI) for a
 multimodal adapter when the config has a `vision:` encoder (serve/images.py). A chat with the base
-is rendered with the base's own chat template when it has one (a GGUF's `tokenizer.chat_template`). Requests join the replica's continuously batched engine
-(serve/engine.py) as rows. Everything a request can get wrong is refused before it joins, with an
+is rendered with the base's own chat template when it has one (a GGUF's `tokenizer.chat_template`).
+Requests join the replica's continuously batched engine as rows, through the engine contract alone
+(serve/engine.py's docstring: generate, abort, check, check_health, stats). Everything a request can
+get wrong is refused before it joins, with an
 OpenAI-shaped 4xx; a full engine answers 503 with Retry-After. The API key and the body limit are
 checked before the body is read (serve/guard.py); /docs and /openapi.json are off.
 
@@ -55,8 +57,8 @@ from serve.api import (
     render_chat,
     usage_chunk,
 )
-from serve.engine import ContextOverflow, Engine, EngineFull, Sequence
-from serve.engine_loop import EngineLoop
+from serve.engine import ContextOverflow, EngineFull, GenerationRequest, RequestOutput
+from serve.engine_loop import AsyncEngine
 from serve.guard import GuardSettings, RequestGuard, configure
 from serve.image_worker import ImageDecoders, WorkerSpec
 from serve.images import ImageRequestError, image_bytes
@@ -177,12 +179,12 @@ class AdapterServer:
             cfg.max_adapter_bytes,
             self.encoder.identity if self.encoder else None,
         )
-        self.engine = Engine(self.base, self.tok.eos_id, cfg.max_batch_size, cfg.max_waiting)
-        self.loop = EngineLoop(self.engine)
+        self.engine = AsyncEngine.build(
+            self.base, self.tok.eos_id, cfg.max_batch_size, cfg.max_waiting, cfg.step_tokens, cfg.compile_decode
+        )
 
     def check_health(self) -> None:
-        if not self.loop.alive:
-            raise RuntimeError(f"engine loop stopped: {self.loop.task.exception()!r}")
+        self.engine.check_health()
 
     # --- admission: everything a request can get wrong is refused here --------------------------
     def _check_request(self, body, n_prompts: int) -> None:
@@ -206,7 +208,7 @@ class AdapterServer:
         """A request's sampling settings; what it leaves out comes from the config's `sampling`."""
         default, limit = self.cfg.sampling, self.cfg.max_tokens_limit
         if max_tokens is None:  # as much as fits, up to the configured default
-            max_tokens = max(1, min(default.max_gen_len, limit, self.engine.context - longest_prompt))
+            max_tokens = max(1, min(default.max_gen_len, limit, self.engine.context_len - longest_prompt))
         if max_tokens < 1:
             raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if max_tokens > limit:
@@ -271,7 +273,8 @@ class AdapterServer:
         return adapter.prefixes_for_image(self.base, self.encoder.features([image]))
 
     async def _admit(self, body, texts: list[str], param: str, max_tokens: int | None, prefixes):
-        """Tokenize, check, and queue every row of a request: (prompt token counts, rows)."""
+        """Tokenize, check, and queue every row of a request: (prompt token counts, rows), each row
+        a (request id, output stream) of the engine."""
         encoded = await asyncio.to_thread(self._encode_all, texts, param)
         params = self._sampling(body, max_tokens, max(len(e) for e in encoded))
         for ids in encoded:
@@ -279,16 +282,17 @@ class AdapterServer:
                 self.engine.check(len(ids), params)
             except ContextOverflow as e:
                 raise ApiError(400, str(e), param, "context_length_exceeded") from None
-        stop = body.stop_list()
-        rows: list[Sequence] = []
+        final_only = not (body.stream or body.stop_list())
+        rows: list[tuple[str, object]] = []
         try:
             for ids in encoded:
                 for j in range(body.n):  # choices of one prompt differ by seed when a seed is given
                     seed = None if body.seed is None else (body.seed + j) % MAX_SEED
-                    rows.append(self.loop.submit(ids, params, prefixes, seed, every_step=body.stream or bool(stop)))
+                    request = GenerationRequest(ids, params, prefixes, seed, final_only)
+                    rows.append((request.request_id, self.engine.generate(request)))
         except EngineFull:
-            for row in rows:
-                self.loop.cancel(row)
+            for rid, _ in rows:
+                self.engine.abort(rid)
             raise ApiError(
                 503,
                 "this replica is at capacity; retry shortly",
@@ -298,26 +302,31 @@ class AdapterServer:
             ) from None
         return [len(e) for e in encoded], rows
 
-    async def _collect(self, row: Sequence, stop: list[str]) -> tuple[str, str]:
+    async def _collect(self, row, stop: list[str]) -> tuple[str, str, RequestOutput]:
+        """A row's text, finish reason and last engine output (token ids, batch size)."""
+        rid, outputs = row
         text = TextStream(self.tok, stop)
-        async for _ in self.loop.updates(row):
-            text.update(row.tokens)
-            if text.stopped:
-                self.loop.cancel(row, "stop")
-                break
-        if row.error is not None:
-            raise ApiError(500, f"generation failed ({type(row.error).__name__})", code="generation_failed")
-        if not text.stopped:
-            text.update(row.tokens)
-        return text.text, "length" if row.finish_reason == "length" and not text.stopped else "stop"
-
-    async def _complete_all(self, rows: list[Sequence], stop: list[str]) -> list[tuple[str, str]]:
+        out = None
         try:
-            return await asyncio.gather(*(self._collect(r, stop) for r in rows))
+            async for out in outputs:
+                text.update(out.token_ids)
+                if text.stopped:
+                    break
+        finally:  # a stop string matched, or an error/disconnect: free the row
+            self.engine.abort(rid, "stop" if text.stopped else "cancelled")
+        if out.error is not None:
+            raise ApiError(500, f"generation failed ({type(out.error).__name__})", code="generation_failed")
+        return text.text, "length" if out.finish_reason == "length" and not text.stopped else "stop", out
+
+    async def _complete_all(self, rows, stop: list[str]) -> tuple[list[tuple[str, str]], int, str]:
+        """Every row's (text, finish reason), the completion tokens, and the x-batch-size header."""
+        try:
+            done = await asyncio.gather(*(self._collect(r, stop) for r in rows))
         finally:  # an error or a disconnect: free every row still running
-            for r in rows:
-                if not r.done:
-                    self.loop.cancel(r)
+            for rid, _ in rows:
+                self.engine.abort(rid)
+        tokens = sum(len(out.token_ids) for _, _, out in done)
+        return [(t, f) for t, f, _ in done], tokens, ",".join(str(out.batch_size) for _, _, out in done)
 
     # --- routes ---------------------------------------------------------------------------------
     @app.get("/")
@@ -327,7 +336,7 @@ class AdapterServer:
 
     @app.get("/health")
     async def health(self):
-        if not self.loop.alive:
+        if not self.engine.is_running:
             return JSONResponse({"status": "engine loop stopped"}, status_code=503)
         return {"status": "ok", **self.engine.stats()}
 
@@ -368,9 +377,9 @@ class AdapterServer:
             return StreamingResponse(
                 self._stream(rows[0], rid, body, prompt_tokens[0], chat=False), media_type="text/event-stream"
             )
-        texts = await self._complete_all(rows, body.stop_list())
-        resp = completion_response(rid, body.model, texts, sum(prompt_tokens), sum(len(r.tokens) for r in rows))
-        return JSONResponse(resp, headers={"x-batch-size": ",".join(str(r.max_batch) for r in rows)})
+        texts, completion_tokens, batch_sizes = await self._complete_all(rows, body.stop_list())
+        resp = completion_response(rid, body.model, texts, sum(prompt_tokens), completion_tokens)
+        return JSONResponse(resp, headers={"x-batch-size": batch_sizes})
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest):
@@ -394,12 +403,13 @@ class AdapterServer:
             return StreamingResponse(
                 self._stream(rows[0], rid, body, prompt_tokens[0], chat=True), media_type="text/event-stream"
             )
-        texts = await self._complete_all(rows, body.stop_list())
-        resp = chat_response(rid, body.model, texts, prompt_tokens[0], sum(len(r.tokens) for r in rows))
-        return JSONResponse(resp, headers={"x-batch-size": ",".join(str(r.max_batch) for r in rows)})
+        texts, completion_tokens, batch_sizes = await self._complete_all(rows, body.stop_list())
+        resp = chat_response(rid, body.model, texts, prompt_tokens[0], completion_tokens)
+        return JSONResponse(resp, headers={"x-batch-size": batch_sizes})
 
-    async def _stream(self, row: Sequence, rid: str, body, prompt_tokens: int, chat: bool):
+    async def _stream(self, row, rid: str, body, prompt_tokens: int, chat: bool):
         model = body.model
+        row_id, outputs = row
         text = TextStream(self.tok, body.stop_list())
 
         def chunk(delta: str, finish: str | None) -> str:
@@ -410,27 +420,24 @@ class AdapterServer:
         try:
             if chat:
                 yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
-            async for _ in self.loop.updates(row):
-                delta = text.update(row.tokens)
+            async for out in outputs:
+                delta = text.update(out.token_ids)
                 if delta:
                     yield chunk(delta, None)
                 if text.stopped:
-                    self.loop.cancel(row, "stop")
                     break
-            if row.error is not None:  # headers are gone: report in-band, as OpenAI does
-                yield sse(error_body(f"generation failed ({type(row.error).__name__})", "server_error"))
+            self.engine.abort(row_id, "stop")  # a stop string matched: free the row now
+            if out.error is not None:  # headers are gone: report in-band, as OpenAI does
+                yield sse(error_body(f"generation failed ({type(out.error).__name__})", "server_error"))
                 return
-            if not text.stopped:
-                text.update(row.tokens)
-            finish = "length" if row.finish_reason == "length" and not text.stopped else "stop"
+            finish = "length" if out.finish_reason == "length" and not text.stopped else "stop"
             yield chunk(text.finish(), finish)
             if body.stream_options is not None and body.stream_options.include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield sse(usage_chunk(rid, model, obj, prompt_tokens, len(row.tokens)))
+                yield sse(usage_chunk(rid, model, obj, prompt_tokens, len(out.token_ids)))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (Serve cancels the handler) or we are done
-            if not row.done:
-                self.loop.cancel(row)
+            self.engine.abort(row_id)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -12,11 +12,12 @@ this shape) underneath both. Relative paths resolve with `adapter.settings.proje
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from adapter.decoding import SamplingParams
 from adapter.image_encoder import VisionConfig
 from adapter.settings import ModelSource, Section, apply_overrides, load_config, parse_value
+from serve.engine import DEFAULT_STEP_TOKENS
 
 
 class ServeConfig(Section):
@@ -33,6 +34,18 @@ class ServeConfig(Section):
     max_adapter_bytes: int = Field(256 * 2**20, ge=1, description="an adapter file larger than this is refused")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together (pre-allocated KV cache slots)")
     max_waiting: int = Field(64, ge=0, description="rows waiting for a slot; beyond that: 503 + Retry-After")
+    step_tokens: int = Field(
+        DEFAULT_STEP_TOKENS,
+        ge=2,
+        description="tokens one engine step may process: one per decoding row, the rest for chunks of "
+        "prompts being prefilled (smaller: steadier inter-token latency while long prompts arrive; "
+        "larger: prompts enter faster). Must be above max_batch_size",
+    )
+    compile_decode: bool = Field(
+        False,
+        description="torch.compile the decode step (one graph per batch-size bucket, compiled at replica "
+        "start; adds start-up time). Measured in bench/results/decode.json",
+    )
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompts_per_request: int = Field(8, ge=1)
     max_n: int = Field(4, ge=1, description="largest `n` (choices per prompt) a request may ask for")
@@ -95,6 +108,15 @@ class ServeConfig(Section):
         description="name of the environment variable holding the API key; the replica refuses to "
         "start when it is named but unset or empty. None: no key required",
     )
+
+    @model_validator(mode="after")
+    def _budget_above_batch(self) -> ServeConfig:
+        if self.step_tokens <= self.max_batch_size:
+            raise ValueError(
+                f"step_tokens ({self.step_tokens}) must be above max_batch_size ({self.max_batch_size}): "
+                "each decoding row takes one token of a step and prompts need the rest"
+            )
+        return self
 
 
 def serve_config(args: dict) -> ServeConfig:

@@ -39,7 +39,7 @@ def _drain(engine, limit=500):
 
 
 def _alone(model, prompt, params, prefixes=None, seed=None):
-    engine = Engine(model, eos_id=-1, max_running=1)
+    engine = Engine(model, eos_id=-1, max_running=1)  # the whole prompt in one chunk
     seq = engine.add(prompt, params, prefixes, seed)
     _drain(engine)
     return seq.tokens
@@ -77,6 +77,46 @@ def test_greedy_output_is_the_same_alone_in_a_full_batch_and_joining_mid_flight(
     _drain(engine)
     assert [r.tokens for r in rows] == alone
     assert max(r.max_batch for r in rows) == 3
+
+
+@pytest.mark.parametrize("step_tokens", [6, 9, 40])
+def test_greedy_output_is_the_same_when_prompts_are_chunked_and_prefilled_together(tiny_model, adapters, step_tokens):
+    """A small step budget splits prompts into chunks beside the decoding rows (6: one or two tokens
+    of a prompt per step; 9: chunks of several prompts padded together; 40: short prompts whole,
+    together); rows still get exactly their solo output, adapters of two prompt lengths included."""
+    alone = [_alone(tiny_model, p, GREEDY, a) for p, a in zip(PROMPTS, adapters)]
+    engine = Engine(tiny_model, eos_id=-1, max_running=5, step_tokens=step_tokens)
+    rows = [engine.add(p, GREEDY, a) for p, a in zip(PROMPTS[:3], adapters[:3])]
+    engine.step()
+    rows += [engine.add(p, GREEDY, a) for p, a in zip(PROMPTS[3:], adapters[3:])]  # join while others decode
+    _drain(engine)
+    assert [r.tokens for r in rows] == alone
+
+
+def test_a_long_prompt_enters_in_chunks_while_running_rows_keep_decoding(tiny_model, adapters):
+    budget = 16
+    engine = Engine(tiny_model, eos_id=-1, max_running=3, step_tokens=budget)
+    long_params = SamplingParams(max_gen_len=40, temperature=0)
+    running = [engine.add(p, long_params, a) for p, a in zip(PROMPTS[:2], adapters[:2])]
+    engine.step()
+    assert all(len(r.tokens) == 1 for r in running)  # both short prompts prefilled in one step
+    long_prompt = [1] + [(7 * i) % 500 + 3 for i in range(150)]
+    joining = engine.add(long_prompt, GREEDY)
+    steps = 0
+    while not joining.tokens:
+        before = [len(r.tokens) for r in running]
+        engine.step()
+        steps += 1
+        assert [len(r.tokens) for r in running] == [n + 1 for n in before]  # no stall: a token every step
+    assert steps >= len(long_prompt) // budget  # it took several steps: chunks of at most budget - 2 tokens
+    _drain(engine)
+    assert joining.tokens == _alone(tiny_model, long_prompt, GREEDY)
+    assert [r.tokens for r in running] == [_alone(tiny_model, p, long_params, a) for p, a in zip(PROMPTS, adapters)][:2]
+
+
+def test_step_budget_must_leave_room_for_prompts(tiny_model):
+    with pytest.raises(ValueError, match="step_tokens"):
+        Engine(tiny_model, eos_id=-1, max_running=8, step_tokens=8)
 
 
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_finish(tiny_model):
@@ -161,25 +201,44 @@ def test_eos_ends_a_row_with_stop(tiny_model):
     assert (seq.tokens, seq.finish_reason) == ([], "stop")
 
 
-def test_engine_loop_serves_rows_and_health_fails_when_the_loop_dies(tiny_model):
+def test_async_engine_streams_outputs_aborts_and_health_fails_when_the_loop_dies(tiny_model):
+    """The engine contract the app uses (serve/engine.py's docstring), on a real event loop."""
     import asyncio
 
     from serve.app import AdapterServer
-    from serve.engine_loop import EngineLoop
+    from serve.engine import EngineDead, GenerationRequest
+    from serve.engine_loop import AsyncEngine
 
     async def scenario():
-        loop = EngineLoop(Engine(tiny_model, eos_id=-1, max_running=2))
-        rows = [loop.submit(p, GREEDY) for p in PROMPTS[:3]]
-        for row in rows:
-            async for _ in loop.updates(row):
-                pass
-        assert [r.tokens for r in rows] == [_alone(tiny_model, p, GREEDY) for p in PROMPTS[:3]]
-        server = type("Replica", (), {"loop": loop})()
+        engine = AsyncEngine(Engine(tiny_model, eos_id=-1, max_running=2, step_tokens=4))
+        streams = [engine.generate(GenerationRequest(p, GREEDY)) for p in PROMPTS[:3]]
+        final = engine.generate(GenerationRequest(PROMPTS[3], GREEDY, final_only=True))
+        seen = []
+        for stream in streams:
+            outs = [o async for o in stream]
+            counts = [len(o.token_ids) for o in outs]  # cumulative; steps between two reads coalesce
+            assert counts[0] >= 1 and all(a < b for a, b in zip(counts[:-2], counts[1:-1])) and counts[-1] == 10
+            assert outs[-1].finished and outs[-1].finish_reason == "length" and not any(o.finished for o in outs[:-1])
+            seen.append(outs[-1].token_ids)
+        only = [o async for o in final]
+        assert len(only) == 1 and only[0].finished  # final_only: one output
+        assert seen + [only[0].token_ids] == [_alone(tiny_model, p, GREEDY) for p in PROMPTS[:4]]
+        # abort: the stream ends with the caller's reason, the row leaves
+        long = GenerationRequest(PROMPTS[0], SamplingParams(max_gen_len=200, temperature=0))
+        stream = engine.generate(long)
+        first = await anext(stream)
+        engine.abort(long.request_id, "stop")
+        rest = [o async for o in stream]
+        assert rest[-1].finish_reason == "stop" and len(rest[-1].token_ids) < 200 and first.token_ids
+        assert engine.stats()["finished"].get("stop") == 1 and not engine.rows
+        server = type("Replica", (), {"engine": engine})()
         AdapterServer.func_or_class.check_health(server)  # healthy: no exception
-        loop.task.cancel()
+        engine.task.cancel()
         await asyncio.sleep(0)
-        assert not loop.alive
-        with pytest.raises(BaseException):
+        assert not engine.is_running
+        with pytest.raises(EngineDead):
             AdapterServer.func_or_class.check_health(server)
+        with pytest.raises(EngineDead):
+            engine.generate(GenerationRequest(PROMPTS[0], GREEDY))
 
     asyncio.run(scenario())
