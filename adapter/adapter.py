@@ -19,6 +19,7 @@ from adapter.model import Transformer, build_on_meta
 from adapter.model_args import ModelArgs
 from adapter.zero_init import GATE_ACTIVATIONS, GatedPrompts, PromptKV
 
+GATE_INITS = ("zero", "random", "fixed-one")
 IGNORE_INDEX = -100  # label for positions outside the loss (not 0: that is a real token, <unk>)
 
 
@@ -32,6 +33,9 @@ class AdapterConfig:
     # Prompts start N(0, init_std^2). The authors' prompts are an nn.Embedding, whose default
     # initialisation is N(0, 1); their learning rate was tuned for that scale.
     init_std: float = 1.0
+    # The paper's ablation (docs/method.md, "Why zero-init"): "zero" is the method; "random" starts the
+    # gates N(0, 1) and trains them; "fixed-one" removes the gating (weight 1, not trained).
+    gate_init: str = "zero"
 
     def __post_init__(self) -> None:
         if self.adapter_len < 1 or self.adapter_layers < 1:
@@ -40,6 +44,8 @@ class AdapterConfig:
             raise ValueError(f"init_std must be a positive number, got {self.init_std}")
         if self.gate_activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}")
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
 
     def layers_for(self, args: ModelArgs) -> int:
         return min(self.adapter_layers, args.n_layers)
@@ -66,10 +72,19 @@ class AdaptionPrompts(GatedPrompts):
             args.dim,
             args.n_heads,
             config.init_std,
-            config.gate_activation,
+            # Without gating the prompt term is weighted by the raw gate, held at 1.
+            "identity" if config.gate_init == "fixed-one" else config.gate_activation,
             dtype,
             device,
         )
+        if self.gate.device.type != "meta" and config.gate_init != "zero":
+            with torch.no_grad():
+                if config.gate_init == "random":
+                    nn.init.normal_(self.gate, std=1.0)
+                else:
+                    self.gate.fill_(1.0)
+        if config.gate_init == "fixed-one":
+            self.gate.requires_grad_(False)  # never handed to an optimizer
         self.config = config
         self.n_layers = args.n_layers
         self.first_layer = args.n_layers - n_adapted

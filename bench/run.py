@@ -20,6 +20,7 @@ SUITES = (
     "decode",
     "chunked-prefill",
     "zero-init-comparison",
+    "zero-init-ablation",
 )
 
 
@@ -44,6 +45,8 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.chunked_prefill_bench import run  # inter-token latency of running streams while long prompts arrive
     elif name == "zero-init-comparison":
         from bench.zero_init_comparison import run  # ViT / RoBERTa: zero-init vs gate fixed at 1 vs linear probe
+    elif name == "zero-init-ablation":
+        from bench.zero_init_ablation import run  # SmolLM2: zero-init vs random-init vs no gating (ScienceQA, Alpaca)
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return run(quick=quick)

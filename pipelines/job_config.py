@@ -24,6 +24,9 @@ class DataConfig(Section):
         "pyarrow URI (s3://...), or an http(s)/file URL of one file"
     )
     sha256: str | None = Field(None, description="expected sha256 of the source (one file only)")
+    download: str | None = Field(
+        None, description="an http(s) URL to fetch the file from when `source` does not exist (checked by sha256)"
+    )
     out: str = PathField(description="folder for parquet shards, stats.json and rejects.jsonl")
     max_seq_len: int = Field(512, ge=8, description="records are cut to this many tokens")
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)

@@ -36,10 +36,11 @@ from pipelines.training.run_report import plot_loss, side_by_side
 ADAPTER_DIR = "adapter"
 
 
-def prepare_data(cfg: TrainConfig, task: Task) -> dict:
+def prepare_data(cfg: TrainConfig, task: Task, expected: dict | None = None) -> dict:
     """The task's records for this config: reused when built from the same input (file contents, or
-    a folder's listing), tokenizer and settings, rebuilt (and the reason printed) otherwise."""
-    expected = task.fingerprint(cfg)
+    a folder's listing), tokenizer and settings, rebuilt (and the reason printed) otherwise.
+    `expected`: the task's fingerprint of this config, when the caller has it already."""
+    expected = expected if expected is not None else task.fingerprint(cfg)
     out = Path(cfg.data.out)
     changed = changed_settings(out, expected)
     if changed == []:
@@ -110,9 +111,11 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
     run_dir = Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    # Inputs first (data, model, tokenizer: fetched or found), so a missing one is named before Ray starts.
+    expected = task.fingerprint(cfg)
     joined = connect(cfg.ray)
     print(f"[train] run {cfg.name} ({task.name}) -> {run_dir} (Ray: {joined} cluster)", flush=True)
-    stats = prepare_data(cfg, task)
+    stats = prepare_data(cfg, task, expected)
 
     with TrainingProgress(run_dir / "metrics.jsonl"):
         result = build_trainer(cfg, task, run_dir, stats["fingerprint"]).fit()

@@ -422,7 +422,7 @@ def run(cfg: PreprocessConfig, num_blocks: int | None = None) -> dict:
     t0 = time.time()
     check_context(cfg)
     d = cfg.data
-    source = fetch(project_path(d.source), d.sha256)
+    source = fetch(project_path(d.source), d.sha256, download=d.download)
     tokenizer = str(tokenizer_for(cfg.model).path)  # the base's own, or the configured file
     fp = fingerprint(cfg, source)  # before reading: what the records are built from
     if not ray.is_initialized():

@@ -149,8 +149,24 @@ def _list_glob(fs, pattern: str) -> list[str]:
     return [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)]
 
 
-def fetch(source: str, sha256: str | None = None, cache_dir: Path | None = None) -> Source:
-    """The files of `source` (listed, not read); a URL is downloaded into the cache first."""
+def fetch(source: str, sha256: str | None = None, cache_dir: Path | None = None, download: str | None = None) -> Source:
+    """The files of `source` (listed, not read); a URL is downloaded into the cache first.
+    `download`: a URL to take the file from when `source` does not exist (checked by `sha256`)."""
+    try:
+        return _fetch(source, sha256, cache_dir)
+    except DataSourceError as e:
+        if download is None or not str(e).startswith("data file not found"):
+            raise
+        try:
+            return _fetch(download, sha256, cache_dir)
+        except DataSourceError as why:
+            raise DataSourceError(
+                f"{source} not found, and downloading it from {download} failed ({why}); put the file "
+                "there or point data.source at a copy"
+            ) from None
+
+
+def _fetch(source: str, sha256: str | None = None, cache_dir: Path | None = None) -> Source:
     from pyarrow import fs as pafs
 
     parsed = urllib.parse.urlparse(source)

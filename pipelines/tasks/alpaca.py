@@ -20,7 +20,9 @@ class Alpaca(LlamaTask):
     prompt_template = "alpaca"
 
     def fingerprint(self, cfg: PreprocessConfig) -> dict:
-        return instructions.fingerprint(_preprocess_part(cfg), fetch(cfg.data.source, cfg.data.sha256))
+        return instructions.fingerprint(
+            _preprocess_part(cfg), fetch(cfg.data.source, cfg.data.sha256, download=cfg.data.download)
+        )
 
     def build_records(self, cfg: PreprocessConfig) -> dict:
         return instructions.run(_preprocess_part(cfg))
