@@ -37,9 +37,16 @@ RAY_WORKING_DIR_MARK = "working_dir_files"
 PATH_MARK = "project_path"  # json_schema_extra key of fields that hold a path
 
 
-def PathField(default=..., **kwargs):  # noqa: N802 - used like pydantic's Field
-    """A config field holding a path: `with_project_paths` resolves it by the project-root rule."""
-    return Field(default, json_schema_extra={PATH_MARK: True}, **kwargs)
+def PathField(default=..., model_name: bool = False, **kwargs):  # noqa: N802 - used like pydantic's Field
+    """A config field holding a path: `with_project_paths` resolves it by the project-root rule.
+    `model_name`: the field may also hold a catalogue name (adapter/models.py), left as it is."""
+    return Field(default, json_schema_extra={PATH_MARK: "model" if model_name else True}, **kwargs)
+
+
+def looks_like_model_name(value: str) -> bool:
+    """A bare name (no folder, no suffix) that is not a path under the project root: what a model
+    catalogue name looks like. adapter.models.resolve_model decides what it really is."""
+    return "/" not in value and not Path(value).suffix and not (project_root() / value).exists()
 
 
 class InputError(Exception):
@@ -62,17 +69,19 @@ class Section(BaseModel):
 
 class ModelSource(Section):
     """Where the frozen base and its tokenizer come from, and how it is held in memory. `base` and
-    `tokenizer` are resolved when loaded (adapter.models.resolve_model: a catalogue name is fetched,
-    a path follows the project-root rule), so they are not PathFields."""
+    `tokenizer` may name a catalogue model (adapter.models.resolve_model fetches it when loaded) or a
+    path (made absolute by the project-root rule before workers get the config)."""
 
-    base: str | None = Field(
+    base: str | None = PathField(
         None,
+        model_name=True,
         description="a catalogue model (python -m adapter.models list), a GGUF file, a Meta / Hugging Face "
         "checkpoint folder, or a llama2.c .bin",
     )
     preset: str | None = Field(None, description="random-initialised base of a named shape (last resort)")
-    tokenizer: str | None = Field(
+    tokenizer: str | None = PathField(
         None,
+        model_name=True,
         description="tokenizer.model (SentencePiece), tokenizer.json or a .gguf; unset: the base's own "
         "(a GGUF file, or a folder holding tokenizer.json / tokenizer.model)",
     )
@@ -245,8 +254,9 @@ def with_project_paths(cfg: C) -> C:
     updates = {}
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(PATH_MARK):
-            if isinstance(value, str):
+        mark = field.json_schema_extra.get(PATH_MARK) if isinstance(field.json_schema_extra, dict) else None
+        if mark:
+            if isinstance(value, str) and not (mark == "model" and looks_like_model_name(value)):
                 updates[name] = project_path(value)
         elif isinstance(value, BaseModel):
             resolved = with_project_paths(value)

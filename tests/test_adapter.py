@@ -1,5 +1,6 @@
 """Zero-init gated attention: the properties docs/method.md says tests must show."""
 
+import pytest
 import torch
 
 from adapter.adapter import IGNORE_INDEX, AdaptedLlama, AdapterConfig, AdaptionPrompts, batch_prefixes
@@ -74,3 +75,19 @@ def test_mixed_batch_rows_match_their_own_adapter(tiny_model):
         assert torch.allclose(mixed[0], a(tokens[:1])[0], atol=1e-5)
         assert torch.allclose(mixed[1], b(tokens[1:2])[0], atol=1e-5)
         assert torch.allclose(mixed[2], tiny_model(tokens[2:])[0], atol=1e-5)
+
+
+def test_the_ablations_gate_initialisations(tiny_model):
+    """gate_init: "random" starts the gates N(0, 1) and trains them; "fixed-one" weights the prompt
+    term by exactly 1 and never trains the gate (the paper's ablation, bench/zero_init_ablation.py)."""
+    tokens = torch.randint(0, 512, (2, 11))
+    torch.manual_seed(0)
+    rand = AdaptionPrompts(tiny_model.args, AdapterConfig(4, 2, gate_init="random"))
+    assert rand.gate.requires_grad and rand.gate.abs().min() > 0 and rand.gate.std() > 0.3
+    fixed = AdaptionPrompts(tiny_model.args, AdapterConfig(4, 2, gate_init="fixed-one"))
+    assert not fixed.gate.requires_grad and torch.equal(fixed.activated_gate(), torch.ones_like(fixed.gate))
+    with torch.no_grad():
+        for prompts in (rand, fixed):
+            assert (AdaptedLlama(tiny_model, prompts)(tokens) - tiny_model(tokens)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="gate_init"):
+        AdapterConfig(gate_init="ones")
