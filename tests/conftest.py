@@ -82,7 +82,18 @@ SERVE_LIMIT = 400  # max_tokens_limit of the `server` apps: long enough for a st
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster, tmp_path_factory):
+def serve_http(ray_cluster) -> str:
+    """Serve's HTTP proxy, started once per session (a second serve.start on another port would be
+    ignored by the running proxy): its base URL. Apps are added under their own route prefixes."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def server(serve_http, tmp_path_factory):
     """Shared by the Serve and playground tests (each start costs ~25 s). Two apps: `llama` (open) and `secure` (API key, one KV slot, one waiting row, 4 KiB bodies)."""
     from ray import serve
 
@@ -103,8 +114,6 @@ def server(ray_cluster, tmp_path_factory):
     (root / "junk.txt").write_text("not an adapter")
     h = json.dumps({"__metadata__": {"format": "llama-adapter", "adapter_config": "{oops", "base_shape": "{}"}})
     (root / "broken.safetensors").write_bytes(len(h).to_bytes(8, "little") + h.encode())
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Server defaults for what a request leaves out: greedy, 6 tokens (checked below).
     cfg = serve_config(
         {
@@ -122,8 +131,7 @@ def server(ray_cluster, tmp_path_factory):
         name="SecureServer", ray_actor_options={"runtime_env": {"env_vars": {"TEST_API_KEY": "sekrit"}}}
     )
     serve.run(secure.bind(small), name="secure", route_prefix="/secure")
-    base_url = f"http://127.0.0.1:{port}"
-    yield base_url
+    yield serve_http
     serve.delete("llama")
     serve.delete("secure")
 

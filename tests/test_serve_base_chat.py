@@ -11,14 +11,13 @@ from adapter.base_weights import load_base
 from adapter.decoding import SamplingParams, generate
 from adapter.prompts import format_prompt
 from adapter.tokenizer import load_tokenizer
-from tests.conftest import _free_port
 from tests.gguf_files import write_tiny_llama
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def gguf_server(ray_cluster, tmp_path_factory):
+def gguf_server(serve_http, tmp_path_factory):
     from ray import serve
 
     from serve.app import build_app
@@ -31,11 +30,9 @@ def gguf_server(ray_cluster, tmp_path_factory):
     with torch.no_grad():
         prompts.gate.uniform_(0.5, 1.0)
     save_adapter(prompts, load_base(base).args, folder / "adapters" / "alpha")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = {"model": {"base": str(base)}, "adapters": str(folder / "adapters"), "base_name": "tiny"}
     serve.run(build_app(cfg), name="gguf", route_prefix="/gguf")
-    yield f"http://127.0.0.1:{port}/gguf", base
+    yield f"{serve_http}/gguf", base
     serve.delete("gguf")
 
 
