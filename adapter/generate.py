@@ -19,7 +19,7 @@ from adapter.adapter_file import AdapterFileError, import_v1_adapter, load_adapt
 from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.loader import load_model
 from adapter.models import ModelFetchError
-from adapter.prompts import format_prompt
+from adapter.prompts import render_prompt, template_of
 from adapter.settings import ModelSource
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--v1-adapter", help="the authors' released v1 adapter .pth (imported, raw gates)")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="raw prompt text; repeat for a batch")
-    g.add_argument("--instruction", help="instruction, rendered with the Alpaca template")
+    g.add_argument("--instruction", help="instruction, rendered with the adapter's template (else Alpaca's)")
     g.add_argument("--chat", help="a user message, rendered with the base's own chat template (no adapter)")
     ap.add_argument("--input", default="", help="optional input for --instruction")
     ap.add_argument("--image", help="image file for a multimodal adapter")
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     if a.chat is not None:
         texts = [tok.render_chat([{"role": "user", "content": a.chat}])]
     else:
-        texts = a.prompt if a.prompt else [format_prompt(a.instruction, a.input)]
+        # An adapter's instruction is rendered with the template it was trained with (its file says).
+        template = template_of(read_metadata(a.adapter)["extra"]) if a.adapter else "alpaca"
+        texts = a.prompt if a.prompt else [render_prompt(template, a.instruction, a.input)]
     params = SamplingParams(max_gen_len=a.max_gen_len, temperature=a.temperature, top_p=a.top_p)
     gen = torch.Generator(device=device).manual_seed(a.seed)
     if visual is not None:

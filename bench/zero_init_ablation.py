@@ -40,6 +40,11 @@ BUDGETS = {
     # name: adapted layers, prompt len, seq len, train steps, micro-batch, lr, questions scored per split,
     #       alpaca steps, alpaca held-out records, seeds
     "quick": dict(layers=2, plen=4, seq=160, steps=3, mb=2, lr=0.01, per_split=4, a_steps=3, a_val=4, seeds=(0,)),
+    # What fitted beside other work on this machine in one session (docs/benchmarks.md says so).
+    "session": dict(
+        layers=4, plen=10, seq=192, steps=20, mb=4, lr=0.01, per_split=20, a_steps=20, a_val=24, seeds=(0, 1)
+    ),
+    # The size (about 90 minutes on an idle 2-core machine): not run yet.
     "cpu": dict(layers=6, plen=10, seq=256, steps=60, mb=6, lr=0.01, per_split=100, a_steps=40, a_val=48, seeds=(0, 1)),
 }
 
