@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from adapter.gguf_base import gguf_context_length, is_gguf, read_gguf
+from adapter.llama2c import load_llama2c, read_header
 from adapter.model import Transformer, build_on_meta
 from adapter.model_args import ModelArgs, from_hf_config, from_meta_params
 
@@ -47,8 +48,6 @@ def load_base(
     `.bin` file, in eval mode, no grads."""
     path = Path(path)
     if path.is_file() and path.suffix == ".bin":
-        from adapter.llama2c import load_llama2c
-
         model = load_llama2c(path, dtype=dtype, device=device)
         if max_seq_len is not None:
             model.args = ModelArgs.from_dict({**model.args.to_dict(), "max_seq_len": max_seq_len})
@@ -86,8 +85,6 @@ def context_length(path: str | Path) -> int:
     """The base's context (max_seq_len) from its config alone, without reading any weights."""
     path = Path(path)
     if path.is_file() and path.suffix == ".bin":
-        from adapter.llama2c import read_header
-
         return read_header(path).max_seq_len
     fmt = detect_format(path)
     if fmt == "gguf":

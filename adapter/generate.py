@@ -17,6 +17,7 @@ import torch
 
 from adapter.adapter_file import AdapterFileError, import_v1_adapter, load_adapter, read_metadata
 from adapter.decoding import SamplingParams, generate, prefixes_for
+from adapter.image_encoder import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
 from adapter.loader import load_model
 from adapter.models import ModelFetchError
 from adapter.prompts import render_prompt, template_of
@@ -108,8 +109,6 @@ def _trained_encoder(adapter: str) -> str | None:
 
 def _image_adapter(ap, a, base, device, dtype):
     """The multimodal adapter and the image's token; every way it cannot work ends in a named error."""
-    from adapter.image_encoder import ImageEncoder, ImageError, VisionConfig, decode_image, features_for
-
     if not a.adapter:
         ap.error("--image needs a multimodal --adapter")
     try:
