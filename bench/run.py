@@ -19,10 +19,11 @@ SUITES = (
     "multimodal",
     "decode",
     "zero-init-comparison",
+    "squad-minilm",
 )
 
 
-def run_suite(name: str, quick: bool = False) -> dict:
+def run_suite(name: str, quick: bool = False, budget: str | None = None) -> dict:
     if name == "train-vs-peft":
         from bench.train_vs_peft import run
     elif name == "projection":
@@ -41,8 +42,14 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.decode_bench import run  # greedy decoding tokens/s, ours vs Hugging Face generate
     elif name == "zero-init-comparison":
         from bench.zero_init_comparison import run  # ViT / RoBERTa: zero-init vs gate fixed at 1 vs linear probe
+    elif name == "squad-minilm":
+        from bench.squad_minilm import run  # the comparison on the real MiniLM and real SQuAD (split of dev)
+
+        return run(quick=quick, budget=budget)
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    if budget:
+        raise ValueError(f"suite {name!r} has no --budget")
     return run(quick=quick)
 
 
@@ -50,10 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--suite", default="all", choices=SUITES + ("all",))
     ap.add_argument("--quick", action="store_true", help="tiny settings (smoke check), not for reporting")
+    ap.add_argument("--budget", help="squad-minilm: a named budget of bench/squad_minilm.py (issue, reduced, quick)")
     a = ap.parse_args(argv)
+    if a.budget and a.suite not in ("squad-minilm", "all"):
+        ap.error(f"--budget is a setting of the squad-minilm suite, not {a.suite}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name in SUITES if a.suite == "all" else (a.suite,):
-        result = run_suite(name, a.quick)
+        result = run_suite(name, a.quick, a.budget if name == "squad-minilm" else None)
         print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2)[:3000])
 
 
