@@ -21,10 +21,11 @@ SUITES = (
     "chunked-prefill",
     "zero-init-comparison",
     "zero-init-ablation",
+    "squad-minilm",
 )
 
 
-def run_suite(name: str, quick: bool = False) -> dict:
+def run_suite(name: str, quick: bool = False, budget: str | None = None) -> dict:
     if name == "train-vs-peft":
         from bench.train_vs_peft import run
     elif name == "projection":
@@ -47,8 +48,16 @@ def run_suite(name: str, quick: bool = False) -> dict:
         from bench.zero_init_comparison import run  # ViT / RoBERTa: zero-init vs gate fixed at 1 vs linear probe
     elif name == "zero-init-ablation":
         from bench.zero_init_ablation import run  # SmolLM2: zero-init vs random-init vs no gating (ScienceQA, Alpaca)
+
+        return run(quick=quick, budget=budget)
+    elif name == "squad-minilm":
+        from bench.squad_minilm import run  # the comparison on the real MiniLM and real SQuAD (split of dev)
+
+        return run(quick=quick, budget=budget)
     else:
         raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    if budget:
+        raise ValueError(f"suite {name!r} has no --budget")
     return run(quick=quick)
 
 
@@ -56,10 +65,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--suite", default="all", choices=SUITES + ("all",))
     ap.add_argument("--quick", action="store_true", help="tiny settings (smoke check), not for reporting")
+    ap.add_argument(
+        "--budget",
+        help="squad-minilm: issue / reduced / quick (bench/squad_minilm.py); zero-init-ablation: cpu / session / "
+        "quick (bench/zero_init_ablation.py)",
+    )
     a = ap.parse_args(argv)
+    with_budget = ("squad-minilm", "zero-init-ablation")
+    if a.budget and a.suite not in with_budget:
+        ap.error(f"--budget is a setting of the {' and '.join(with_budget)} suites, not {a.suite}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name in SUITES if a.suite == "all" else (a.suite,):
-        result = run_suite(name, a.quick)
+        result = run_suite(name, a.quick, a.budget if name in with_budget else None)
         print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2)[:3000])
 
 

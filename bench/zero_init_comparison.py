@@ -97,7 +97,7 @@ def digits_config(tmp: Path, epochs: float) -> dict:
 
 
 def squad_config(tmp: Path, epochs: float, after_near: bool = False) -> dict:
-    from adapter.backbones.roberta import save_random_roberta
+    from adapter.backbones.bert_family import save_random_roberta
 
     tag = "near" if after_near else "color"
     train, dev = synthetic_squad(400, 1, after_near), synthetic_squad(200, 2, after_near)

@@ -135,6 +135,21 @@ class CocoData(Section):
     instruction: str = "Generate a caption for this image."
 
 
+class SquadSplit(Section):
+    """Which SQuAD questions train and which are scored (task squad, docs/encoders.md). By default
+    the training file's questions are split by a hash of their id (`data.val_fraction`, for
+    held-out loss) and the evaluation job scores `encoder.eval_source` whole. With
+    `held_out_articles` one file (data.source = encoder.eval_source, e.g. the dev set when it is
+    the only real SQuAD at hand) is cut BY ARTICLE: the records hold only the training articles'
+    questions, the evaluation scores only the held-out articles', and both record the titles.
+    That is a split of one file, not the official train / dev protocol, and reports say so."""
+
+    held_out_articles: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of the articles held out for evaluation (0: no split by article)"
+    )
+    split_seed: int = Field(0, description="seed of the article split (a shuffle of the sorted titles)")
+
+
 class EvalConfig(Section):
     """Batch inference of `pipelines.evaluate` (greedy generation for the LLaMA tasks)."""
 
@@ -150,14 +165,17 @@ class EvalConfig(Section):
 
 
 class BackboneSection(Section):
-    """Zero-init prompts on a frozen ViT (task image-classification) or RoBERTa (task squad),
-    docs/encoders.md. Held-out data: the image folder's val/ split (else a hash split of train/
-    by data.val_fraction); for SQuAD a hash split of the training questions."""
+    """Zero-init prompts on a frozen ViT (task image-classification) or BERT-family encoder (task
+    squad), docs/encoders.md. Held-out data: the image folder's val/ split (else a hash split of
+    train/ by data.val_fraction); for SQuAD a hash split of the training questions (and, with
+    `squad.held_out_articles`, whole articles held out for evaluation)."""
 
     weights: str = PathField(
+        model_name=True,
         description="image-classification: a torchvision ViT state dict (.safetensors, or .pth "
-        "read with weights_only); squad: a transformers RobertaModel folder with its "
-        "fast tokenizer"
+        "read with weights_only); squad: a transformers BertModel / RobertaModel folder "
+        "(config.json model_type bert / roberta, model.safetensors) with its fast tokenizer, or a "
+        "catalogue model (all-MiniLM-L6-v2)",
     )
     vit: ViTShape = Field(ViTShape.vit_b_16(), description="the ViT's shape (image-classification)")
     adapter: EncoderAdapterConfig = EncoderAdapterConfig()
@@ -189,6 +207,7 @@ class TrainConfig(PreprocessConfig):
     vision: VisionConfig | None = None
     scienceqa: ScienceQAData = ScienceQAData()
     coco: CocoData = CocoData()
+    squad: SquadSplit = SquadSplit()
     evaluation: EvalConfig = EvalConfig()
     output_dir: str = PathField("runs")
     optim: OptimConfig = OptimConfig()

@@ -13,6 +13,7 @@ import torch
 from adapter.adapter import AdapterConfig, AdaptionPrompts
 from adapter.adapter_file import save_adapter
 from adapter.base_weights import load_base
+from adapter.hashing import sha256_of
 from adapter.model import Transformer
 from adapter.model_args import preset
 
@@ -26,6 +27,29 @@ def shared_file(rel: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared data {p} is missing (tests read real data from ../shared/data)")
     return p
+
+
+MINILM = "all-MiniLM-L6-v2"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # its model.safetensors
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2, a real pretrained BERT (docs/encoders.md): the folder $MINILM_DIR names, else
+    the model catalogue's copy where the catalogue (adapter/models.py) is installed, else a skip
+    saying how to get it. Its weights are checked to be the published ones."""
+    from adapter.models import ModelFetchError, resolve_model
+
+    if os.environ.get("MINILM_DIR"):
+        folder = Path(os.environ["MINILM_DIR"])
+    else:
+        try:
+            folder = Path(resolve_model(MINILM))
+        except ModelFetchError as e:
+            pytest.skip(f"real {MINILM} not available (offline?): {e}")
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"{MINILM}: no model.safetensors in {folder}")
+    assert sha256_of(folder / "model.safetensors") == MINILM_SHA256, f"{folder} is not the published {MINILM}"
+    return folder
 
 
 @pytest.fixture

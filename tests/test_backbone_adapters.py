@@ -1,5 +1,6 @@
-"""Zero-init attention on ViT and RoBERTa (docs/method.md and docs/encoders.md), on tiny random backbones:
-exactly the backbone at gate 0, only the adapter learns, torchvision's ViT layout, adapter files."""
+"""Zero-init attention on ViT and the BERT family (docs/method.md and docs/encoders.md), on tiny random
+backbones and the real all-MiniLM-L6-v2: exactly the backbone at gate 0, only the adapter learns (or, for
+full fine-tuning, the backbone too), torchvision's ViT layout, adapter files."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ import torch
 from PIL import Image
 
 from adapter.backbones.adapted import (
-    AdaptedRoberta,
+    AdaptedBertFamily,
     AdaptedViT,
     EncoderAdapter,
     EncoderAdapterConfig,
     EncoderAdapterFileError,
-    adapt_roberta,
+    adapt_bert_family,
     adapt_vit,
+    bert_family_spec,
     load_encoder_adapter,
     read_encoder_metadata,
-    roberta_spec,
     save_encoder_adapter,
     vit_spec,
 )
-from adapter.backbones.roberta import load_roberta, load_roberta_tokenizer, save_random_roberta
+from adapter.backbones.bert_family import (
+    load_bert_family,
+    load_tokenizer,
+    model_type,
+    save_random_bert,
+    save_random_roberta,
+)
 from adapter.backbones.vit import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,6 +39,7 @@ from adapter.backbones.vit import (
     preprocess_images,
     save_random_vit,
 )
+from tests.conftest import MINILM_SHA256, minilm_folder
 
 SHAPE = ViTShape(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
 LABELS = ["dark", "bright"]
@@ -58,13 +66,13 @@ def vit(vit_file):
 
 @pytest.fixture
 def roberta(roberta_folder):
-    return load_roberta(roberta_folder)
+    return load_bert_family(roberta_folder)
 
 
 @pytest.fixture
 def qa_batch(roberta_folder):
     """Two question/context pairs of different lengths: the second row is padded."""
-    tok = load_roberta_tokenizer(roberta_folder)
+    tok = load_tokenizer(roberta_folder)
     enc = tok(["what is the answer ?", "where ?"], ["the answer is 42 .", "mat"], padding=True, return_tensors="pt")
     assert (enc.attention_mask == 0).any()
     return enc.input_ids, enc.attention_mask
@@ -200,7 +208,7 @@ def test_zero_gates_give_the_plain_vit_exactly(vit):
 
 def test_zero_gates_give_the_plain_roberta_exactly(roberta, qa_batch):
     ids, mask = qa_batch
-    model = adapt_roberta(roberta, CONFIG)
+    model = adapt_bert_family(roberta, CONFIG)
     plain = roberta(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(model.hidden(ids, mask), plain)
     with torch.no_grad():
@@ -208,7 +216,7 @@ def test_zero_gates_give_the_plain_roberta_exactly(roberta, qa_batch):
 
 
 def test_nonzero_gates_change_the_outputs(vit, roberta, qa_batch):
-    v, r = adapt_vit(vit, CONFIG, LABELS), adapt_roberta(roberta, CONFIG)
+    v, r = adapt_vit(vit, CONFIG, LABELS), adapt_bert_family(roberta, CONFIG)
     _set_gates(v, 0.5), _set_gates(r, 0.5)
     with torch.no_grad():
         assert not torch.allclose(v.features(_images()), vit.features(_images()))
@@ -233,7 +241,7 @@ def test_only_prompts_gates_and_head_train_and_the_backbone_stays_bit_identical(
         batch, plain = (_images(4), torch.tensor([0, 1, 0, 1])), (lambda: vit.features(_images(4)))
         out = lambda: model.features(_images(4))  # noqa: E731
     else:
-        backbone, model = roberta, adapt_roberta(roberta, CONFIG)
+        backbone, model = roberta, adapt_bert_family(roberta, CONFIG)
         batch = (*qa_batch, torch.tensor([6, 0]), torch.tensor([8, 0]))
         plain = lambda: roberta(*qa_batch).last_hidden_state  # noqa: E731
         out = lambda: model.hidden(*qa_batch)  # noqa: E731
@@ -316,7 +324,7 @@ def test_qa_head_learns_a_synthetic_span(roberta):
         ids[torch.arange(n), s], ids[torch.arange(n), e] = start_tok, end_tok
         return ids, torch.ones_like(ids), s, e
 
-    model = adapt_roberta(roberta, EncoderAdapterConfig(prompt_len=4, layers=2))
+    model = adapt_bert_family(roberta, EncoderAdapterConfig(prompt_len=4, layers=2))
     opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-2)
     model.train()
     for _ in range(60):
@@ -331,7 +339,7 @@ def test_qa_head_learns_a_synthetic_span(roberta):
 
 
 def test_qa_loss_ignores_positions_outside_the_input(roberta, qa_batch):
-    model = adapt_roberta(roberta, CONFIG)
+    model = adapt_bert_family(roberta, CONFIG)
     ids, mask = qa_batch
     outside = torch.full((2,), ids.shape[1] + 5)
     one = model.loss(ids[:1], mask[:1], torch.tensor([3]), torch.tensor([4]))
@@ -368,11 +376,11 @@ def test_vit_adapter_file_round_trip_is_exact(tmp_path, vit, vit_file, gate):
 
 
 def test_roberta_adapter_file_round_trip_is_exact(tmp_path, roberta, roberta_folder, qa_batch):
-    model = adapt_roberta(roberta, CONFIG, roberta_folder)
+    model = adapt_bert_family(roberta, CONFIG, roberta_folder)
     _set_gates(model, -0.4)
     save_encoder_adapter(model.adapter, tmp_path / "qa.safetensors")
-    loaded = AdaptedRoberta(
-        roberta, load_encoder_adapter(tmp_path / "qa.safetensors", roberta_spec(roberta, roberta_folder))
+    loaded = AdaptedBertFamily(
+        roberta, load_encoder_adapter(tmp_path / "qa.safetensors", bert_family_spec(roberta, roberta_folder))
     )
     with torch.no_grad():
         for a, b in zip(loaded.span_logits(*qa_batch), model.span_logits(*qa_batch)):
@@ -382,9 +390,9 @@ def test_roberta_adapter_file_round_trip_is_exact(tmp_path, roberta, roberta_fol
 def test_adapter_for_another_backbone_kind_is_refused(tmp_path, vit, roberta, vit_file):
     path = save_encoder_adapter(_trained_vit_adapter(vit, vit_file).adapter, tmp_path)
     with pytest.raises(EncoderAdapterFileError, match="an adapter for a vit backbone, not a roberta"):
-        load_encoder_adapter(path, roberta_spec(roberta))
+        load_encoder_adapter(path, bert_family_spec(roberta))
     with pytest.raises(ValueError, match="built for a vit"):
-        AdaptedRoberta(roberta, load_encoder_adapter(path, vit_spec(vit)))
+        AdaptedBertFamily(roberta, load_encoder_adapter(path, vit_spec(vit)))
 
 
 def test_adapter_for_another_shape_is_refused(tmp_path, vit, vit_file):
@@ -429,3 +437,169 @@ def test_llama_adapter_file_is_refused(tmp_path, vit):
 def test_classification_needs_labels(vit):
     with pytest.raises(ValueError, match="labels"):
         EncoderAdapter(vit_spec(vit), CONFIG)
+
+
+# --- the BERT family: one wrapper for BertModel and RobertaModel, by config.json model_type -------
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    return save_random_bert(
+        tmp_path_factory.mktemp("bert") / "bert", TEXTS, hidden_size=32, num_layers=2, num_heads=2, max_length=32
+    )
+
+
+@pytest.fixture
+def bert(bert_folder):
+    return load_bert_family(bert_folder)
+
+
+@pytest.fixture
+def bert_batch(bert_folder):
+    """Two question/context pairs through the WordPiece tokenizer: segments 0 / 1, the second row padded."""
+    enc = load_tokenizer(bert_folder)(
+        ["what is the answer ?", "where ?"], ["the answer is 42 .", "mat"], padding=True, return_tensors="pt"
+    )
+    assert (enc.attention_mask == 0).any() and (enc.token_type_ids == 1).any()
+    return enc.input_ids, enc.attention_mask, enc.token_type_ids
+
+
+def test_the_checkpoints_model_type_picks_the_class(bert_folder, roberta_folder, tmp_path):
+    from transformers import BertModel, RobertaModel
+
+    assert type(load_bert_family(bert_folder)) is BertModel and model_type(bert_folder) == "bert"
+    assert type(load_bert_family(roberta_folder)) is RobertaModel and model_type(roberta_folder) == "roberta"
+    assert type(load_tokenizer(bert_folder)).__name__.startswith("BertTokenizer")
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not of the BERT family"):
+        load_bert_family(tmp_path / "gpt")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_bert_family(tmp_path)
+
+
+def test_zero_gates_give_the_plain_bert_exactly_and_segments_reach_it(bert, bert_batch):
+    ids, mask, segments = bert_batch
+    model = adapt_bert_family(bert, CONFIG)
+    assert model.kind == "bert" and model.adapter.spec.kind == "bert"
+    plain = bert(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state
+    assert torch.equal(model.hidden(ids, mask, segments), plain)
+    with torch.no_grad():
+        assert torch.equal(model.hidden(ids, mask, segments), plain)
+        assert not torch.allclose(model.hidden(ids, mask), plain)  # BERT reads its segments
+        _set_gates(model, 0.5)
+        assert not torch.allclose(model.hidden(ids, mask, segments), plain)
+
+
+def test_only_prompts_gates_and_head_train_on_bert_and_it_stays_bit_identical(bert, bert_batch):
+    model = adapt_bert_family(bert, CONFIG)
+    before = {k: v.clone() for k, v in bert.state_dict().items()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "adapter.prompts.prompt",
+        "adapter.prompts.gate",
+        "adapter.head.weight",
+        "adapter.head.bias",
+    }
+    ids, mask, segments = bert_batch
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(ids, mask, torch.tensor([8, 0]), torch.tensor([9, 0]), segments).backward()
+        opt.step()
+    assert not bert.training
+    assert all(torch.equal(before[k], v) for k, v in bert.state_dict().items())
+    assert (model.adapter.prompts.gate != 0).all()
+
+
+def test_a_bert_adapter_is_refused_on_a_roberta(tmp_path, bert, bert_folder, roberta):
+    path = save_encoder_adapter(adapt_bert_family(bert, CONFIG, bert_folder).adapter, tmp_path / "bert")
+    assert read_encoder_metadata(path)["backbone"].kind == "bert"
+    with pytest.raises(EncoderAdapterFileError, match="an adapter for a bert backbone, not a roberta"):
+        load_encoder_adapter(path, bert_family_spec(roberta))
+
+
+# --- full fine-tuning: the reference arm ---------------------------------------------------------
+def test_full_fine_tuning_trains_every_backbone_weight_without_prompts(bert, bert_batch):
+    model = adapt_bert_family(bert, CONFIG.model_copy(update={"gate": "full"}))
+    assert model.adapter.prompts is None and model.adapter.backbone is bert
+    backbone_names = {f"backbone.{n}" for n, _ in bert.named_parameters()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == backbone_names | {
+        "adapter.head.weight",
+        "adapter.head.bias",
+    }
+    assert sum(p.numel() for p in model.trainable_parameters()) == sum(p.numel() for p in bert.parameters()) + 33 * 2
+    before = {k: v.clone() for k, v in bert.state_dict().items()}
+    ids, mask, segments = bert_batch
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    model.adapter.train()  # what DeepSpeed's engine.train() calls: the backbone stays without dropout
+    for _ in range(2):
+        opt.zero_grad()
+        model.loss(ids, mask, torch.tensor([8, 0]), torch.tensor([9, 0]), segments).backward()
+        opt.step()
+    assert not bert.training
+    changed = [k for k, v in bert.state_dict().items() if not torch.equal(before[k], v)]
+    assert "encoder.layer.0.attention.self.query.weight" in changed and "embeddings.word_embeddings.weight" in changed
+
+
+def test_full_fine_tuning_file_holds_the_backbone_and_round_trips(tmp_path, bert_folder, bert_batch):
+    tuned = load_bert_family(bert_folder)
+    model = adapt_bert_family(tuned, CONFIG.model_copy(update={"gate": "full"}), bert_folder)
+    with torch.no_grad():
+        tuned.encoder.layer[1].attention.self.value.weight.add_(0.1)  # as training would
+    path = save_encoder_adapter(model.adapter, tmp_path / "full")
+    spec = bert_family_spec(load_bert_family(bert_folder), bert_folder)
+    with pytest.raises(EncoderAdapterFileError, match="full fine-tuning file"):
+        load_encoder_adapter(path, spec)
+    fresh = load_bert_family(bert_folder)  # the original weights, which the file's identity names
+    loaded = AdaptedBertFamily(fresh, load_encoder_adapter(path, spec, backbone_module=fresh)).eval()
+    with torch.no_grad():
+        for a, b in zip(loaded.span_logits(*bert_batch), model.span_logits(*bert_batch)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="runs on the backbone module it holds"):
+        AdaptedBertFamily(load_bert_family(bert_folder), loaded.adapter)
+    with pytest.raises(ValueError, match="needs the backbone module"):
+        EncoderAdapter(spec, CONFIG.model_copy(update={"gate": "full"}))
+
+
+# --- the real pretrained MiniLM (all-MiniLM-L6-v2, a BertModel) ----------------------------------
+@pytest.fixture(scope="module")
+def minilm():
+    folder = minilm_folder()
+    return folder, load_bert_family(folder), load_tokenizer(folder)
+
+
+def test_minilm_is_a_bert_and_zero_gates_give_it_exactly(minilm):
+    folder, model, tok = minilm
+    assert type(model).__name__ == "BertModel" and bert_family_spec(model).shape == {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "vocab_size": 30522,
+    }
+    # 22,713,216 published (22.7M) less the pooler (384 x 384 + 384 = 147,840), which QA leaves out
+    assert sum(p.numel() for p in model.parameters()) == 22_565_376
+    enc = tok(
+        ["Which NFL team represented the AFC at Super Bowl 50?", "Where?"],
+        ["The Denver Broncos defeated the Carolina Panthers.", "In Santa Clara."],
+        padding=True,
+        return_tensors="pt",
+    )
+    assert tok.convert_ids_to_tokens(enc.input_ids[0])[:3] == ["[CLS]", "which", "nfl"]  # WordPiece, lower-cased
+    batch = (enc.input_ids, enc.attention_mask, enc.token_type_ids)
+    adapted = adapt_bert_family(model, EncoderAdapterConfig(prompt_len=10, layers=6), folder)
+    assert adapted.adapter.spec.identity == {"name": "all-MiniLM-L6-v2", "sha256": MINILM_SHA256}
+    with torch.no_grad():
+        plain = model(input_ids=batch[0], attention_mask=batch[1], token_type_ids=batch[2]).last_hidden_state
+        assert torch.equal(adapted.hidden(*batch), plain)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(adapted.trainable_parameters(), lr=1e-2)
+    adapted.train()
+    for _ in range(2):
+        opt.zero_grad()
+        adapted.loss(batch[0], batch[1], torch.tensor([14, 0]), torch.tensor([15, 0]), batch[2]).backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (adapted.adapter.prompts.gate != 0).any()
+    with torch.no_grad():
+        assert not torch.allclose(adapted.hidden(*batch), plain)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from adapter.backbones.roberta import save_random_roberta
+from adapter.backbones.bert_family import save_random_roberta
 from adapter.backbones.vit import ViTShape, save_random_vit
 from bench.zero_init_comparison import TINY_VIT, synthetic_squad
 from pipelines.job_config import TrainConfig
@@ -174,3 +174,131 @@ def test_roberta_adapter_learns_a_synthetic_span_task_and_is_scored_the_official
         f"{result['exact']:.1f}, F1 {result['f1']:.1f} (HasAns {result['HasAns_exact']:.1f}, "
         f"NoAns {result['NoAns_exact']:.1f}) after {summary['steps']} steps"
     )
+
+
+# --- the real pretrained MiniLM on the real SQuAD dev set, split by article, through the jobs -----
+@pytest.fixture(scope="module")
+def minilm_run(ray_cluster, tmp_path_factory):
+    """`squad-minilm-cpu` as users run it, on a TINY slice: 24 training questions in 192-token
+    windows, one epoch; evaluation on 12 held-out questions."""
+    from adapter.settings import load_config
+    from pipelines.train import run
+    from tests.conftest import minilm_folder, shared_file
+
+    tmp = tmp_path_factory.mktemp("minilm")
+    dev = shared_file("squad/dev-v1.1.json")
+    cfg = load_config(
+        TrainConfig,
+        "squad-minilm-cpu",
+        {
+            "output_dir": str(tmp / "runs"),
+            "encoder.weights": str(minilm_folder()),
+            "encoder.eval_source": str(dev),
+            "encoder.doc_stride": 64,
+            "data.source": str(dev),
+            "data.out": str(tmp / "records"),
+            "data.max_seq_len": 192,
+            "data.limit": 24,
+            "data.val_fraction": 0.25,
+            "optim.micro_batch_size": 4,
+            "evaluation.limit": 12,
+            "checkpoint.keep": 1,
+        },
+    )
+    return cfg, run(cfg), tmp
+
+
+def test_minilm_trains_on_training_articles_only_and_is_scored_on_held_out_ones(minilm_run):
+    import pyarrow.parquet as pq
+
+    from pipelines.datasets.squad_format import article_split, only_articles
+    from pipelines.datasets.squad_metrics import score_dataset
+    from pipelines.evaluate import run as evaluate
+
+    cfg, summary, tmp = minilm_run
+    assert summary["base_digest_start"] == summary["base_digest_end"]  # the pretrained MiniLM is untouched
+    assert summary["base_note"].startswith("frozen bert from all-MiniLM-L6-v2, adapter zero-init")
+    dev = json.loads(open(cfg.data.source).read())
+    split = article_split(dev, 0.2, seed=0)
+    held_qids = {
+        q["id"] for a in only_articles(dev, split["held_out"])["data"] for p in a["paragraphs"] for q in p["qas"]
+    }
+    stats = json.loads((tmp / "records" / "stats.json").read_text())
+    assert (
+        stats["article_split"]["held_out"] == split["held_out"] and "not the official" in stats["article_split"]["note"]
+    )
+    assert stats["held_out_article_questions"] == len(held_qids) and stats["questions"] == 24
+    trained = {k for s in ("train", "val") for k in pq.read_table(tmp / "records" / s).column("key").to_pylist()}
+    assert len(trained) == 24 and not trained & held_qids  # no question of a held-out article is trained on
+    segments = pq.read_table(tmp / "records" / "train").column("token_type_ids").to_pylist()
+    assert all(0 in s and 1 in s for s in segments)  # BERT's question / context segments are in the records
+
+    result = evaluate(cfg)
+    assert result["article_split"]["held_out"] == split["held_out"] and "not the official" in result["report"]
+    predictions = json.loads(open(f"{result['out']}/predictions.json").read())
+    assert len(predictions) == result["questions"] == result["total"] == 12 and set(predictions) <= held_qids
+    contexts = {q["id"]: p["context"] for a in dev["data"] for p in a["paragraphs"] for q in p["qas"]}
+    assert all(text in contexts[q] for q, text in predictions.items())  # spans of the context (or "")
+    asked = {
+        **dev,
+        "data": [
+            {
+                **a,
+                "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in predictions]} for p in a["paragraphs"]],
+            }
+            for a in dev["data"]
+        ],
+    }
+    rescored = score_dataset(asked, predictions, version_2=False)  # what any official script would say
+    assert (rescored["exact"], rescored["f1"]) == (result["exact"], result["f1"])
+    print(
+        f"\n[measured] all-MiniLM-L6-v2 + zero-init prompts after {summary['steps']} steps on 24 questions: "
+        f"held-out EM {result['exact']:.1f} / F1 {result['f1']:.1f} on 12 questions (a tiny slice: plumbing, not skill)"
+    )
+
+
+# --- full fine-tuning (the comparison's reference arm) through Ray Train, with a resume ---------------
+def test_full_fine_tuning_trains_the_backbone_resumes_after_a_fault_and_evaluates(ray_cluster, tmp_path):
+    from adapter.backbones.bert_family import save_random_bert
+    from pipelines.evaluate import run as evaluate
+    from pipelines.train import run
+
+    train, dev = synthetic_squad(200, seed=1), synthetic_squad(40, seed=2)
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "dev.json").write_text(json.dumps(dev))
+    texts = [p["context"] + " " + q["question"] for a in train["data"] for p in a["paragraphs"] for q in p["qas"]]
+    folder = save_random_bert(tmp_path / "tiny-bert", texts, hidden_size=32, num_layers=2, num_heads=2)
+    cfg = train_config(
+        tmp_path,
+        name="full",
+        task="squad",
+        encoder={
+            "weights": str(folder),
+            "eval_source": str(tmp_path / "dev.json"),
+            "doc_stride": 16,
+            "adapter": {"gate": "full"},
+        },
+        data={
+            "source": str(tmp_path / "train.json"),
+            "out": str(tmp_path / "records"),
+            "max_seq_len": 48,
+            "val_fraction": 0.1,
+        },
+        optim={
+            "recipe": "custom",
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "epochs": 2,
+            "warmup_epochs": 0.2,
+            "micro_batch_size": 16,
+        },
+        checkpoint={"every_n_steps": 4},
+        fail_at_step=6,  # a worker dies once; the run resumes from the step-4 checkpoint (backbone weights included)
+    )
+    summary = run(cfg)
+    assert (tmp_path / "runs" / "full" / ".fault_injected").is_file()
+    assert summary["steps"] == summary["total_steps"]
+    assert summary["base_digest_start"] != summary["base_digest_end"]  # the backbone itself trained
+    assert "fine-tuned bert" in summary["base_note"] and "full" in summary["base_note"]
+    result = evaluate(cfg)  # the adapter file carries the tuned backbone; evaluation loads it into the original
+    assert result["total"] == 40 and not result["errors"] and result["gate"] == "full"

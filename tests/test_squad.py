@@ -13,9 +13,11 @@ import pytest
 
 from pipelines.datasets.squad_format import (
     answer_token_span,
+    article_split,
     best_answers,
     features_for_eval,
     features_for_training,
+    only_articles,
     read_squad,
 )
 from pipelines.datasets.squad_metrics import (
@@ -443,3 +445,74 @@ def test_post_processed_predictions_score_100_through_the_metric(tokenizer, v2_e
     predictions = best_answers(v2_examples, evals, starts, ends, version_2=True)
     result = score_dataset(_load("v2.0-mini.json"), predictions)
     assert result["exact"] == 100.0 and result["f1"] == 100.0 and result["missing"] == 0
+
+
+# --- a split by article (the dev set as the only real SQuAD here) ----------------------------------
+def _articles(n: int) -> dict:
+    return {
+        "version": "1.1",
+        "data": [
+            {"title": f"art{a:02d}", "paragraphs": [{"context": "x", "qas": [{"id": f"q{a}", "question": "?"}]}]}
+            for a in range(n)
+        ],
+    }
+
+
+def test_article_split_is_seeded_disjoint_and_independent_of_file_order():
+    data = _articles(10)
+    split = article_split(data, 0.2, seed=0)
+    assert len(split["held_out"]) == 2 and len(split["train"]) == 8
+    assert sorted(split["train"] + split["held_out"]) == [f"art{a:02d}" for a in range(10)]
+    reversed_file = {**data, "data": data["data"][::-1]}
+    assert article_split(reversed_file, 0.2, seed=0) == split  # the split depends on titles, not order
+    assert len({tuple(article_split(data, 0.2, seed=s)["held_out"]) for s in range(6)}) > 1  # the seed matters
+    assert len(article_split(data, 0.01, seed=0)["held_out"]) == 1  # at least one article held out ...
+    assert len(article_split(data, 0.99, seed=0)["train"]) == 1  # ... and at least one trained on
+    kept = only_articles(data, split["held_out"])
+    assert [a["title"] for a in kept["data"]] == [a["title"] for a in data["data"] if a["title"] in split["held_out"]]
+    with pytest.raises(ValueError, match="at least two articles"):
+        article_split(_articles(1), 0.2, seed=0)
+
+
+def test_the_real_dev_set_splits_by_article_with_no_question_on_both_sides():
+    from tests.conftest import shared_file
+
+    dev = json.loads(shared_file("squad/dev-v1.1.json").read_text())
+    split = article_split(dev, 0.2, seed=0)
+    assert (len(split["train"]), len(split["held_out"])) == (38, 10)  # 48 articles, 20% held out
+    held = only_articles(dev, split["held_out"])
+    train = only_articles(dev, split["train"])
+    qids = [{q["id"] for a in part["data"] for p in a["paragraphs"] for q in p["qas"]} for part in (train, held)]
+    assert not qids[0] & qids[1] and len(qids[0]) + len(qids[1]) == 10_570
+    assert len(qids[1]) >= 1_000, len(qids[1])  # enough held-out questions to score
+
+
+def test_wordpiece_windows_label_real_dev_answers_with_bert_segments():
+    """all-MiniLM-L6-v2's WordPiece tokenizer (lower-casing) on the real dev set, 384-token windows
+    with stride 128: segments 0 for [CLS] question [SEP], 1 for the context and its [SEP]; every
+    labelled span holds the gold answer, and almost always exactly."""
+    from adapter.backbones.bert_family import load_tokenizer
+    from pipelines.datasets.squad_metrics import normalize_answer
+    from tests.conftest import minilm_folder, shared_file
+
+    tok = load_tokenizer(minilm_folder())
+    examples = read_squad(json.loads(shared_file("squad/dev-v1.1.json").read_text()))[0][:200]
+    train = features_for_training(examples, tok, 384, 128)
+    evals = features_for_eval(examples, tok, 384, 128)
+    assert "token_type_ids" in train and np.array_equal(train["token_type_ids"], evals["token_type_ids"])
+    by_id, exact, labelled = {e["id"]: e for e in examples}, 0, 0
+    for w, qid in enumerate(train["example_id"]):
+        ids, segments, mask = train["input_ids"][w], train["token_type_ids"][w], train["attention_mask"][w]
+        sep = int(np.flatnonzero(ids == tok.sep_token_id)[0])
+        assert ids[0] == tok.cls_token_id and not segments[: sep + 1].any() and segments[sep + 1 : mask.sum()].all()
+        start, end = int(train["start_positions"][w]), int(train["end_positions"][w])
+        if (start, end) == (0, 0):
+            continue
+        example, offsets = by_id[qid], evals["offset_mapping"][w]
+        text = example["context"][offsets[start][0] : offsets[end][1]]
+        a0 = example["answer_starts"][0]
+        assert offsets[start][0] <= a0 and offsets[end][1] >= a0 + len(example["answers"][0])
+        labelled += 1
+        exact += normalize_answer(text) == normalize_answer(example["answers"][0])
+    # the misses are gold answers inside a word ("gold" of "golden", "8" of "18"), which no word piece isolates
+    assert labelled >= 200 and exact / labelled > 0.95, (exact, labelled)

@@ -1,4 +1,5 @@
-"""Zero-init attention on bidirectional encoders: ViT image classification, RoBERTa extractive QA.
+"""Zero-init attention on bidirectional encoders: ViT image classification, BERT-family (BERT,
+RoBERTa) extractive QA.
 
 The ICLR version of LLaMA-Adapter (docs/encoders.md) puts the same adaption prompts and
 zero-gated attention (section 3, adapter/zero_init.py) into the top L attention layers of other
@@ -11,8 +12,8 @@ projections (with their biases). No mask on the prompt: every token, padding inc
 
 How it is attached: the backbone stays exactly the module it was loaded as (same state-dict
 keys, no patched classes). During one forward, a hook on each adapted attention module adds the
-gated term to that module's output. The term enters before the output projection: RoBERTa's
-self-attention module returns the context before `RobertaSelfOutput.dense`, so the term is added
+gated term to that module's output. The term enters before the output projection: BERT's and
+RoBERTa's self-attention modules return the context before `*SelfOutput.dense`, so the term is added
 as is; torchvision's MultiheadAttention returns `out_proj(context)`, and since out_proj is linear,
 out_proj(context + term) = out_proj(context) + term W_o^T, so `term W_o^T` (no bias) is added.
 With gates at 0 the term is exactly zero and outputs equal the plain backbone's bit for bit.
@@ -21,7 +22,12 @@ Trainable: one `EncoderAdapter` module (prompts, gates, task head), which is all
 DeepSpeed needs to see. The backbone is frozen and kept in eval mode (no dropout), also while
 the adapter trains. Gate variants (`EncoderAdapterConfig.gate`): "zero-init" (the method),
 "fixed-one" (prompts attended with weight 1 from the start and the gate not trained: attention
-to random prompts at full weight from step 0, the contrast to zero-init gating), "linear-probe" (no prompts, the head alone).
+to random prompts at full weight from step 0, the contrast to zero-init gating), "linear-probe" (no
+prompts, the head alone), "full" (no prompts; the head and every backbone weight train: full
+fine-tuning, the reference the paper compares against). In "full" the adapter holds the backbone
+module itself, so optimizers, DeepSpeed and adapter files see its weights like any other adapter
+tensor; the backbone still runs in eval mode (no dropout), as in every other arm, so the arms differ
+only in what trains.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from torch import nn
 
 from adapter.adapter_file import FORMAT as LLAMA_ADAPTER_FORMAT
 from adapter.adapter_file import AdapterFileError, write_atomically
-from adapter.backbones.roberta import WEIGHTS_FILE, roberta_shape
+from adapter.backbones.bert_family import WEIGHTS_FILE, bert_family_shape
 from adapter.hashing import sha256_of
 from adapter.settings import Section
 from adapter.zero_init import GatedPrompts, PromptKV, gated_prompt_attention
@@ -49,7 +55,7 @@ FORMAT = "zero-init-encoder-adapter"
 FORMAT_VERSION = "1"
 ADAPTER_FILENAME = "encoder_adapter.safetensors"
 CLASSIFICATION, QA = "image-classification", "extractive-qa"
-TASK_OF_KIND = {"vit": CLASSIFICATION, "roberta": QA}
+TASK_OF_KIND = {"vit": CLASSIFICATION, "bert": QA, "roberta": QA}  # bert / roberta: config.json model_type
 HEAD_INIT_STD = 0.02  # not 0 (torchvision's head init): a zero head passes no gradient to the gates at step 1
 
 
@@ -58,24 +64,26 @@ class EncoderAdapterConfig(Section):
 
     prompt_len: int = Field(10, ge=1, description="K: prompt tokens per adapted layer")
     layers: int = Field(6, ge=1, description="L: adapt the topmost L attention layers (clamped to the depth)")
-    gate: Literal["zero-init", "fixed-one", "linear-probe"] = Field(
+    gate: Literal["zero-init", "fixed-one", "linear-probe", "full"] = Field(
         "zero-init",
         description="zero-init: tanh gate from 0, trained (the method); fixed-one: gate 1, not trained "
-        "(ablation); linear-probe: no prompts, head only",
+        "(ablation); linear-probe: no prompts, head only; full: no prompts, the head and the whole "
+        "backbone train (full fine-tuning, the reference)",
     )
     # The prompt enters the key/value projections where the layer normally sees LayerNorm outputs
-    # (ViT's ln_1, RoBERTa's previous LayerNorm): unit scale per element. N(0, 1), as the authors'
+    # (ViT's ln_1, BERT's / RoBERTa's previous LayerNorm): unit scale per element. N(0, 1), as the authors'
     # nn.Embedding prompts, puts it on that scale; 0.02 (the backbones' weight init) would give
     # prompt keys/values that are little more than the projection biases, all alike.
     init_std: float = Field(1.0, gt=0, description="prompts start N(0, init_std^2)")
 
     def layers_for(self, depth: int) -> int:
-        return 0 if self.gate == "linear-probe" else min(self.layers, depth)
+        return 0 if self.gate in ("linear-probe", "full") else min(self.layers, depth)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What an adapter is trained on: kind ("vit" / "roberta"), shape, and identity of the weights
+    """What an adapter is trained on: kind ("vit", or the BERT family's model_type "bert" / "roberta"),
+    shape, and identity of the weights
     ({"name", "sha256"}, or None where the weights file is not known)."""
 
     kind: str
@@ -112,14 +120,17 @@ def vit_spec(vit, weights: str | Path | None = None) -> BackboneSpec:
     return BackboneSpec("vit", shape, None if weights is None else file_identity(weights))
 
 
-def roberta_spec(model, folder: str | Path | None = None) -> BackboneSpec:
+def bert_family_spec(model, folder: str | Path | None = None) -> BackboneSpec:
+    """A BertModel / RobertaModel: its kind is the config's model_type; `folder` (where it was read)
+    gives its identity."""
     identity = None if folder is None else file_identity(Path(folder) / WEIGHTS_FILE)
-    return BackboneSpec("roberta", roberta_shape(model), identity)
+    return BackboneSpec(model.config.model_type, bert_family_shape(model), identity)
 
 
 class EncoderAdapter(nn.Module):
     """The trainable part: prompts (L, K, width) and gates (L, heads) for the top L layers (none for
-    a linear probe), and the task head (width -> classes, or width -> start/end logits)."""
+    a linear probe or full fine-tuning), and the task head (width -> classes, or width -> start/end
+    logits). Full fine-tuning (gate "full") also holds the backbone module, which then trains."""
 
     def __init__(
         self,
@@ -127,9 +138,17 @@ class EncoderAdapter(nn.Module):
         config: EncoderAdapterConfig = EncoderAdapterConfig(),
         labels: list[str] | None = None,
         device=None,
+        backbone: nn.Module | None = None,
     ):
+        """backbone: the loaded backbone module, needed (and only taken) for gate "full"."""
         super().__init__()
         self.spec, self.config = spec, config
+        if config.gate == "full":
+            if backbone is None:
+                raise ValueError('gate "full" (full fine-tuning) needs the backbone module whose weights train')
+            self.backbone = backbone.requires_grad_(True)
+        else:
+            self.backbone = None
         self.task = TASK_OF_KIND[spec.kind]
         if self.task == CLASSIFICATION and not labels:
             raise ValueError("image classification needs its class labels (names, in class-index order)")
@@ -162,6 +181,12 @@ class EncoderAdapter(nn.Module):
                     self.prompts.gate.fill_(1.0)
             self.prompts.gate.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> EncoderAdapter:
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # full fine-tuning without dropout, like the frozen arms: only what trains differs
+        return self
+
     @property
     def adapted_layers(self) -> range:
         return range(self.first_layer, self.spec.depth)
@@ -175,18 +200,19 @@ class AdaptedEncoder(nn.Module):
     """A frozen encoder plus an EncoderAdapter; subclasses say where its attention layers are and
     how they project (`attention_layers`, `_project`, `_to_output`)."""
 
-    kind: str
     INPUT_NAME: str  # the attention module's input argument, for when it is passed by keyword
 
     def __init__(self, backbone: nn.Module, adapter: EncoderAdapter, spec: BackboneSpec):
         """spec: the backbone's kind and shape, to check the adapter against (identity is checked on load)."""
         super().__init__()
-        if adapter.spec.kind != self.kind or adapter.spec.shape != spec.shape:
+        if adapter.spec.kind != spec.kind or adapter.spec.shape != spec.shape:
             raise ValueError(
                 f"adapter was built for a {adapter.spec.kind} of shape {adapter.spec.shape}, "
-                f"not this {self.kind} of shape {spec.shape}"
+                f"not this {spec.kind} of shape {spec.shape}"
             )
-        self.backbone = backbone.eval().requires_grad_(False)
+        if adapter.backbone is not None and adapter.backbone is not backbone:
+            raise ValueError("a full fine-tuning adapter runs on the backbone module it holds, not another one")
+        self.backbone = backbone.eval().requires_grad_(adapter.backbone is not None)  # frozen unless "full"
         self.adapter = adapter
 
     def train(self, mode: bool = True) -> AdaptedEncoder:
@@ -277,13 +303,18 @@ class AdaptedViT(AdaptedEncoder):
         return F.cross_entropy(self.logits(pixel_values), labels)
 
 
-class AdaptedRoberta(AdaptedEncoder):
-    """Extractive QA: start/end logits for every token; position 0 (<s>) means "no answer" (SQuAD v2.0)."""
+class AdaptedBertFamily(AdaptedEncoder):
+    """Extractive QA on a BertModel / RobertaModel: start/end logits for every token; position 0
+    (CLS / <s>) means "no answer" (SQuAD v2.0)."""
 
-    kind, INPUT_NAME = "roberta", "hidden_states"
+    INPUT_NAME = "hidden_states"
 
-    def __init__(self, roberta, adapter: EncoderAdapter):
-        super().__init__(roberta, adapter, roberta_spec(roberta))
+    def __init__(self, model, adapter: EncoderAdapter):
+        super().__init__(model, adapter, bert_family_spec(model))
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.spec.kind
 
     def attention_layers(self) -> list[nn.Module]:
         return [layer.attention.self for layer in self.backbone.encoder.layer]
@@ -291,16 +322,26 @@ class AdaptedRoberta(AdaptedEncoder):
     def _project(self, attn: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
         return {"q": attn.query, "k": attn.key, "v": attn.value}[which](x)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, hidden): the last hidden state."""
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T, hidden): the last hidden state. token_type_ids: BERT's segments (question 0,
+        context 1); None is all 0 (RoBERTa's only segment)."""
         with self._prompts_attached():
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.last_hidden_state
 
     def span_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(start, end) logits, each (B, T) fp32."""
-        h = self.hidden(input_ids, attention_mask).to(self.adapter.head.weight.dtype)
+        h = self.hidden(input_ids, attention_mask, token_type_ids).to(self.adapter.head.weight.dtype)
         start, end = self.adapter.head(h).unbind(-1)
         return start, end
 
@@ -312,10 +353,11 @@ class AdaptedRoberta(AdaptedEncoder):
         attention_mask: torch.Tensor | None,
         start_positions: torch.Tensor,
         end_positions: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean of the start and end cross-entropies (RobertaForQuestionAnswering's loss): positions
+        """Mean of the start and end cross-entropies (BertForQuestionAnswering's loss): positions
         outside the input (an answer truncated away) are left out of the mean."""
-        start, end = self.span_logits(input_ids, attention_mask)
+        start, end = self.span_logits(input_ids, attention_mask, token_type_ids)
         outside = start.shape[1]
         losses = [
             F.cross_entropy(logits, pos.clamp(0, outside), ignore_index=outside)
@@ -326,12 +368,12 @@ class AdaptedRoberta(AdaptedEncoder):
 
 def adapt_vit(vit, config: EncoderAdapterConfig, labels: list[str], weights: str | Path | None = None) -> AdaptedViT:
     """A fresh adapter on a loaded ViT; `weights` (its file) gives the adapter file a backbone identity."""
-    return AdaptedViT(vit, EncoderAdapter(vit_spec(vit, weights), config, labels))
+    return AdaptedViT(vit, EncoderAdapter(vit_spec(vit, weights), config, labels, backbone=vit))
 
 
-def adapt_roberta(roberta, config: EncoderAdapterConfig, folder: str | Path | None = None) -> AdaptedRoberta:
-    """A fresh adapter on a loaded RobertaModel; `folder` (where it was read) gives its identity."""
-    return AdaptedRoberta(roberta, EncoderAdapter(roberta_spec(roberta, folder), config))
+def adapt_bert_family(model, config: EncoderAdapterConfig, folder: str | Path | None = None) -> AdaptedBertFamily:
+    """A fresh adapter on a loaded BertModel / RobertaModel; `folder` (where it was read) gives its identity."""
+    return AdaptedBertFamily(model, EncoderAdapter(bert_family_spec(model, folder), config, backbone=model))
 
 
 # --- adapter files ------------------------------------------------------------------------------
@@ -364,7 +406,7 @@ def read_encoder_metadata(path: str | Path) -> dict:
     with _open(path) as f:
         meta = f.metadata() or {}
     if meta.get("format") == LLAMA_ADAPTER_FORMAT:
-        raise EncoderAdapterFileError(f"{path}: a LLaMA adapter file, not an encoder (ViT / RoBERTa) adapter")
+        raise EncoderAdapterFileError(f"{path}: a LLaMA adapter file, not an encoder (ViT / BERT-family) adapter")
     if meta.get("format") != FORMAT:
         raise EncoderAdapterFileError(f"{path}: not an encoder adapter file (format={meta.get('format')!r})")
     try:
@@ -382,10 +424,15 @@ def read_encoder_metadata(path: str | Path) -> dict:
 
 
 def load_encoder_adapter(
-    path: str | Path, backbone: BackboneSpec, device: str | torch.device = "cpu"
+    path: str | Path,
+    backbone: BackboneSpec,
+    device: str | torch.device = "cpu",
+    backbone_module: nn.Module | None = None,
 ) -> EncoderAdapter:
     """The adapter in `path`, checked against the backbone it will run on: kind, shape and (where both
-    are known) the weights' sha256 must match. Hand it with the backbone to AdaptedViT / AdaptedRoberta."""
+    are known) the weights' sha256 must match. Hand it with the backbone to AdaptedViT / AdaptedBertFamily.
+    A full fine-tuning file (gate "full") also holds every backbone weight: they are loaded into
+    `backbone_module` (the backbone loaded from the original weights, which the file was checked against)."""
     from safetensors import SafetensorError
 
     path = _resolve(path)
@@ -410,12 +457,17 @@ def load_encoder_adapter(
         )
     if meta["task"] != TASK_OF_KIND[saved.kind]:
         raise EncoderAdapterFileError(f"{path}: task {meta['task']!r} is not {TASK_OF_KIND[saved.kind]!r}")
+    if meta["config"].gate == "full" and backbone_module is None:
+        raise EncoderAdapterFileError(
+            f"{path}: a full fine-tuning file: pass the loaded backbone module to load its weights into"
+        )
     try:
         adapter = EncoderAdapter(
             BackboneSpec(saved.kind, saved.shape, backbone.identity or saved.identity),
             meta["config"],
             meta["labels"],
             device="meta",
+            backbone=backbone_module,
         )
     except (ValueError, TypeError, KeyError) as e:
         raise EncoderAdapterFileError(f"{path}: bad encoder adapter metadata ({e!r})") from None

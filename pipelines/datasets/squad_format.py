@@ -17,6 +17,7 @@ the context. Functions here take and return plain Python / numpy: Ray Data jobs 
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -385,3 +386,36 @@ def best_answers(
         else:
             answers[row["id"]] = row["context"][best_offsets[0] : best_offsets[1]]
     return answers
+
+
+# --- a split by article --------------------------------------------------------------------------
+def _article_name(a: int, article: Any) -> str:
+    """An article's title; one without a string title is named by its position, `data[a]`."""
+    title = article.get("title") if isinstance(article, Mapping) else None
+    return title if isinstance(title, str) else f"data[{a}]"
+
+
+def _articles(dataset: Mapping | list) -> list:
+    articles = dataset.get("data") if isinstance(dataset, Mapping) else dataset
+    return articles if isinstance(articles, list) else []
+
+
+def article_split(dataset: Mapping | list, held_out_fraction: float, seed: int) -> dict[str, list[str]]:
+    """{"train": titles, "held_out": titles}, each sorted: round(fraction x articles) articles, at
+    least one and never all, drawn by a seeded shuffle of the sorted titles (the same split on every
+    machine, whatever the file's article order). Two articles with one title are one article."""
+    titles = sorted({_article_name(a, article) for a, article in enumerate(_articles(dataset))})
+    if len(titles) < 2:
+        raise ValueError(f"a split by article needs at least two articles, the file has {len(titles)}")
+    n_held = min(max(round(held_out_fraction * len(titles)), 1), len(titles) - 1)
+    order = list(titles)
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held])
+    return {"train": [t for t in titles if t not in held], "held_out": [t for t in titles if t in held]}
+
+
+def only_articles(dataset: Mapping | list, titles: Sequence[str]) -> dict:
+    """The dataset with only the articles named (titles as `article_split` gives them), in file order."""
+    keep = set(titles)
+    kept = [article for a, article in enumerate(_articles(dataset)) if _article_name(a, article) in keep]
+    return {**(dataset if isinstance(dataset, Mapping) else {}), "data": kept}

@@ -173,7 +173,7 @@ class ImageClassification(BackboneTask):
     def load_adapted(self, cfg: TrainConfig, adapter_path: str, device) -> AdaptedViT:
         e = cfg.encoder
         vit = load_vit(e.weights, e.vit, device=device)
-        adapter = load_encoder_adapter(adapter_path, vit_spec(vit, e.weights), device=device)
+        adapter = load_encoder_adapter(adapter_path, vit_spec(vit, e.weights), device=device, backbone_module=vit)
         return AdaptedViT(vit, adapter).eval()
 
     def inputs(self, cfg: TrainConfig, split: dict) -> dict[str, torch.Tensor]:

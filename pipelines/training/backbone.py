@@ -4,12 +4,13 @@ sibling of pipelines/training/llama.py; the stages that drive both are pipelines
 
 The task says what a model is (`build_model`), what a batch feeds the loss (`inputs`,
 `batch_loss`); the trainable module handed to DeepSpeed is the EncoderAdapter (prompts, gates,
-head); validation also reports accuracy (top-1; for QA, windows whose start and end are both
-right). The ICLR comparison's arms are one setting, `encoder.adapter.gate`.
+head; for full fine-tuning the head and the backbone it then holds); validation also reports
+accuracy (top-1; for QA, windows whose start and end are both right). The ICLR comparison's arms are one setting, `encoder.adapter.gate`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -63,8 +64,12 @@ class BackboneHooks:
 
     # --- adapter files --------------------------------------------------------------------------
     def read_adapter(self, folder: Path) -> dict[str, torch.Tensor]:
+        # A full fine-tune's file holds the backbone's weights too: read into a copy, not the live model.
+        into = copy.deepcopy(self.base) if self.cfg.encoder.adapter.gate == "full" else None
         try:
-            return load_encoder_adapter(folder / self.adapter_file, self.spec, device=self.device).state_dict()
+            return load_encoder_adapter(
+                folder / self.adapter_file, self.spec, device=self.device, backbone_module=into
+            ).state_dict()
         except EncoderAdapterFileError:
             raise
         except Exception as e:  # noqa: BLE001 - a reader error names the file, whatever it was
