@@ -15,6 +15,10 @@ from adapter.backbones.vit import ViTShape, save_random_vit
 from bench.zero_init_comparison import TINY_VIT, synthetic_squad
 from pipelines.job_config import TrainConfig
 
+# Module fixtures run whole Ray Train jobs: one took 318 s while a benchmark shared the 2 cores, past
+# the 300 s default of pyproject.toml.
+pytestmark = pytest.mark.timeout(900)
+
 pytest.importorskip("sklearn", reason="scikit-learn ships the real digits")
 
 

@@ -21,6 +21,10 @@ from tests.conftest import shared_file
 from tests.test_image_encoder import png
 from tests.test_scienceqa import draw_images
 
+# Module fixtures run whole Ray Train jobs: one took 318 s while a benchmark shared the 2 cores, past
+# the 300 s default of pyproject.toml.
+pytestmark = pytest.mark.timeout(900)
+
 
 def coco_layout(root, n_train: int):
     """coco-mini's real annotations and images (linked), with the 2nd train image corrupt and the 3rd missing."""

@@ -20,6 +20,10 @@ from pipelines.training.checkpoints import DS_DIR, STATE_FILE, CheckpointError, 
 from pipelines.training.recipe import lr_at
 from tests.conftest import shared_file
 
+# Module fixtures run whole Ray Train jobs: one took 318 s while a benchmark shared the 2 cores, past
+# the 300 s default of pyproject.toml.
+pytestmark = pytest.mark.timeout(900)
+
 ATOL = 1e-6
 
 
