@@ -28,7 +28,7 @@ from adapter.base_weights import load_base
 from adapter.decoding import SamplingParams, generate
 from adapter.model import Transformer
 from adapter.prompts import format_prompt
-from adapter.tokenizer import Tokenizer
+from adapter.tokenizer import load_tokenizer
 from bench.common import RESULTS, SHARED_DATA, bar_chart, write_result
 from serve.engine import Engine
 
@@ -37,7 +37,7 @@ MACHINE_NOTE = "2-core shared CPU (four engineers' work on the same cores), 1 to
 
 
 def alpaca_prompts(tokenizer: Path, n: int) -> list[list[int]]:
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     records = json.loads((SHARED_DATA / "alpaca_data.json").read_text())[:n]
     return [tok.encode(format_prompt(r["instruction"], r.get("input", "")), bos=True) for r in records]
 
@@ -98,7 +98,11 @@ def run(quick: bool = False, base_path: Path | None = None, compiled: bool = Tru
 def _run(quick: bool, base_path: Path, compiled: bool) -> dict:
     n_prompts, new_tokens, repeats, big = (4, 8, 1, 2) if quick else (16, 32, 3, 8)
     base = load_base(base_path).eval().requires_grad_(False)
-    tokenizer = base_path / "tokenizer.model" if base_path.is_dir() else base_path.with_name("tokenizer.model")
+    # A GGUF file carries its own tokenizer; other checkpoints have a tokenizer.model beside them.
+    if base_path.suffix == ".gguf":
+        tokenizer = base_path
+    else:
+        tokenizer = base_path / "tokenizer.model" if base_path.is_dir() else base_path.with_name("tokenizer.model")
     prompts = alpaca_prompts(tokenizer, n_prompts)
     hf = hf_model(base)  # before the engine fuses the base's projections (same values either way)
     params = SamplingParams(max_gen_len=new_tokens, temperature=0.0)
