@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny settings (smoke check), not for reporting")
     ap.add_argument(
         "--budget",
-        help="squad-minilm: issue / reduced / quick (bench/squad_minilm.py); zero-init-ablation: cpu / session / "
+        help="squad-minilm: cpu / large / reduced / quick (bench/squad_minilm.py); zero-init-ablation: cpu / session / "
         "quick (bench/zero_init_ablation.py)",
     )
     a = ap.parse_args(argv)
