@@ -16,6 +16,7 @@ SUITES = (
     "serve",
     "gpu-check",
     "quantize",
+    "quantize-smollm2",
     "multimodal",
     "decode",
     "chunked-prefill",
@@ -38,6 +39,8 @@ def run_suite(name: str, quick: bool = False, budget: str | None = None) -> dict
         from bench.gpu_check import run  # the tiny shape on CPU (or with --quick), LLaMA-7B on a GPU
     elif name == "quantize":
         from bench.quantize_bench import run  # fp32 / bf16 / int8 / int4 base: bytes, loss, agreement, CPU speed
+    elif name == "quantize-smollm2":
+        from bench.quantize_smollm2 import run  # the same on the real SmolLM2, with the README's trained adapter
     elif name == "multimodal":
         from bench.multimodal_bench import run  # COCO evaluation images/s; ScienceQA 8 x A100 projection
     elif name == "decode":

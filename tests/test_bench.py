@@ -50,3 +50,13 @@ def test_image_memory_suite_writes_valid_json(tmp_path, monkeypatch):
     assert set(saved["cases"]) == set(result["cases"]) and len(saved["cases"]) == 7
     assert all(c["sent_to_replica_mib"] < 0.3 for c in saved["cases"].values())  # shrunk in the child
     assert (tmp_path / "image-memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quantize_smollm2_names_the_command_that_trains_its_adapter(tmp_path):
+    # The measurement itself loads SmolLM2 four times (~40 s even with --quick): a benchmark, not a
+    # test. What is checked here is what a user without the trained adapter sees (no model load).
+    from bench.quantize_smollm2 import TRAIN_COMMAND, run
+
+    with pytest.raises(FileNotFoundError, match="train it first") as err:
+        run(quick=True, adapter=str(tmp_path / "missing"), val=str(tmp_path / "val"))
+    assert TRAIN_COMMAND in str(err.value) and "name=smollm2-alpaca-600" in TRAIN_COMMAND
