@@ -61,9 +61,7 @@ def vit_run(ray_cluster, tmp_path_factory):
             "warmup_epochs": 0.2,
             "micro_batch_size": 32,
         },
-        # A worker dies once at step 15; Ray restarts the group from the step-10 checkpoint.
-        checkpoint={"every_n_steps": 10},
-        fail_at_step=15,
+        # No fault here: the backbone family's resume after a worker dies is the full fine-tuning test's.
     )
     return cfg, run(cfg), tmp
 
@@ -73,8 +71,7 @@ def test_vit_adapter_learns_real_digits_through_ray_train_and_keeps_the_backbone
     from pipelines.evaluate import run as evaluate
 
     cfg, summary, tmp = vit_run
-    assert (tmp / "runs" / "vit" / ".fault_injected").is_file(), "the fault was never injected"
-    assert summary["steps"] == 44  # resumed from its checkpoint and finished
+    assert summary["steps"] == 44
     assert summary["base_digest_start"] == summary["base_digest_end"]  # frozen ViT bit-identical
     stats = json.loads((tmp / "records" / "stats.json").read_text())
     assert stats["records_written"] == 1797 and stats["val_records"] == 359

@@ -61,7 +61,7 @@ def test_training_job_submitted_to_a_running_cluster_writes_its_adapter_into_the
     logs = _submit(
         client,
         "python -m pipelines.train --config configs/tiny-cpu.yaml --set name=submitted "
-        f"--set output_dir={OUT} --set data.out={OUT}/data200 --set data.limit=200 "
+        f"--set output_dir={OUT} --set data.out={OUT}/data48 --set data.limit=48 "
         "--set optim.epochs=1 --set checkpoint.every_n_steps=null",
     )
     adapter = ROOT / OUT / "submitted" / "adapter" / "adapter.safetensors"

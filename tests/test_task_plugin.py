@@ -106,7 +106,7 @@ def test_a_task_registered_from_a_test_file_runs_through_training_and_evaluation
                 "adapter": {"adapter_len": 4, "adapter_layers": 2},
             },
             "data": {"source": "generated-in-the-test", "out": str(tmp / "data"), "max_seq_len": 160},
-            "optim": {"recipe": "custom", "lr": 0.05, "epochs": 6, "warmup_epochs": 0.5, "micro_batch_size": 4},
+            "optim": {"recipe": "custom", "lr": 0.05, "epochs": 2, "warmup_epochs": 0.5, "micro_batch_size": 4},
             "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
             "samples": {"instructions": ["Say cat."], "sampling": {"max_gen_len": 4, "temperature": 0}},
             "evaluation": {"max_gen_len": 4, "batch_size": 10},
