@@ -265,22 +265,7 @@ def measure_subject(
             r["generate_tokens_per_wall_s"] = max(r.get("generate_tokens_per_wall_s", 0), g["wall"])
     for prec in rows:
         print(name, prec, json.dumps({k: round(v, 4) for k, v in rows[prec].items()}))
-    fp32 = rows["fp32"]
-    for r in rows.values():
-        r["loss_vs_fp32"] = r["held_out_loss"] / fp32["held_out_loss"] - 1
-        r["weights_below_fp32"] = fp32["base_weight_bytes"] / r["base_weight_bytes"]
-        r["block_linears_below_fp32"] = fp32["block_linear_bytes"] / r["block_linear_bytes"]
-    goals = {
-        prec: {
-            "loss": f"{rows[prec]['loss_vs_fp32']:+.2%} vs goal within {g['loss_within']:.0%}: "
-            + ("met" if abs(rows[prec]["loss_vs_fp32"]) <= g["loss_within"] else "MISSED"),
-            "bytes_all_weights": f"{rows[prec]['weights_below_fp32']:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
-            + ("met" if rows[prec]["weights_below_fp32"] >= g["bytes_below_fp32"] else "MISSED"),
-            "bytes_block_linears": f"{rows[prec]['block_linears_below_fp32']:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
-            + ("met" if rows[prec]["block_linears_below_fp32"] >= g["bytes_below_fp32"] else "MISSED"),
-        }
-        for prec, g in GOALS.items()
-    }
+    goals = compare_to_fp32(rows)
     return {
         "records": {"train": len(train), "held_out": len(val), "max_seq_len": max_seq_len},
         "adapter": config.to_dict(),
@@ -303,6 +288,28 @@ def measure_subject(
         },
         "precisions": rows,
         "goals": goals,
+    }
+
+
+def compare_to_fp32(rows: dict) -> dict:
+    """Adds each precision's loss change and byte savings against the fp32 row; returns the goals."""
+    fp32 = rows["fp32"]
+    for r in rows.values():
+        r["loss_vs_fp32"] = r["held_out_loss"] / fp32["held_out_loss"] - 1
+        r["weights_below_fp32"] = fp32["base_weight_bytes"] / r["base_weight_bytes"]
+        r["block_linears_below_fp32"] = fp32["block_linear_bytes"] / r["block_linear_bytes"]
+
+    return {
+        prec: {
+            "loss": f"{rows[prec]['loss_vs_fp32']:+.2%} vs goal within {g['loss_within']:.0%}: "
+            + ("met" if abs(rows[prec]["loss_vs_fp32"]) <= g["loss_within"] else "MISSED"),
+            **{
+                f"bytes_{part}": f"{rows[prec][key]:.2f}x below fp32 vs goal {g['bytes_below_fp32']:.0f}x: "
+                + ("met" if rows[prec][key] >= g["bytes_below_fp32"] else "MISSED")
+                for part, key in (("all_weights", "weights_below_fp32"), ("block_linears", "block_linears_below_fp32"))
+            },
+        }
+        for prec, g in GOALS.items()
     }
 
 

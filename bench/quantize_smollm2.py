@@ -32,7 +32,15 @@ from adapter.quantize import weight_bytes
 from adapter.settings import ModelSource, project_path
 from bench import common
 from bench.common import bar_chart, write_result
-from bench.quantize_bench import GOALS, PRECISIONS, agreement, greedy, held_out_loss, linear_bytes, prompt_tokens
+from bench.quantize_bench import (
+    PRECISIONS,
+    agreement,
+    compare_to_fp32,
+    greedy,
+    held_out_loss,
+    linear_bytes,
+    prompt_tokens,
+)
 
 ADAPTER = "runs/smollm2-alpaca-600/adapter"
 VAL = "runs/data/alpaca-smollm2-192-first600/val"
@@ -101,23 +109,11 @@ def _run(quick: bool, adapter: Path, val: Path) -> dict:
         }
         samples[prec] = loaded.tokenizer.decode(out[0])
         print("quantize-smollm2", prec, json.dumps({k: round(v, 4) for k, v in rows[prec].items()}), flush=True)
+    goals = compare_to_fp32(rows)
     fp32 = rows["fp32"]
     for r in rows.values():
-        r["loss_vs_fp32"] = r["held_out_loss"] / fp32["held_out_loss"] - 1
         r["zero_gate_loss_vs_fp32"] = r["held_out_loss_zero_gate"] / fp32["held_out_loss_zero_gate"] - 1
         r["adapter_gain"] = r["held_out_loss_zero_gate"] - r["held_out_loss"]
-        r["weights_below_fp32"] = fp32["base_weight_bytes"] / r["base_weight_bytes"]
-        r["block_linears_below_fp32"] = fp32["block_linear_bytes"] / r["block_linear_bytes"]
-    goals = {
-        prec: {
-            "loss": f"{rows[prec]['loss_vs_fp32']:+.2%} vs goal within {g['loss_within']:.0%}: "
-            + ("met" if abs(rows[prec]["loss_vs_fp32"]) <= g["loss_within"] else "MISSED"),
-            "bytes_block_linears": f"{rows[prec]['block_linears_below_fp32']:.2f}x below fp32 vs goal "
-            f"{g['bytes_below_fp32']:.0f}x: "
-            + ("met" if rows[prec]["block_linears_below_fp32"] >= g["bytes_below_fp32"] else "MISSED"),
-        }
-        for prec, g in GOALS.items()
-    }
     name = "quantize-smollm2-quick" if quick else "quantize-smollm2"  # quick results are not kept
     result = {
         "what": __doc__.split("\n\n")[0],
