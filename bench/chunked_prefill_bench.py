@@ -1,5 +1,7 @@
-"""Suite `chunked-prefill`: what long prompts arriving do to the streams already running, with and
-without chunked prefill (serve/engine.py), on the real stories260K (context 512).
+"""Suites `chunked-prefill` and `chunked-prefill-smollm2`: what long prompts arriving do to the
+streams already running, with and without chunked prefill (serve/engine.py), on the real
+stories260K (context 512) and on the real SmolLM2-135M-Instruct (context 8,192, 1,500-token
+prompts; its sizes in `SUBJECTS`). The stories260K sizes:
 
 - Running streams: 4 requests with real Alpaca prompts, 96 new tokens each, greedy, no EOS.
 - Arrivals: long prompts (real Alpaca text, the longest that fit: 400 tokens, 8 new tokens), one
@@ -11,6 +13,11 @@ without chunked prefill (serve/engine.py), on the real stories260K (context 512)
 - Time to first token of short requests (the same Alpaca prompts, 8 tokens) arriving among the long
   ones, chunked vs unchunked (goal: not worse).
 
+SmolLM2: the same with 1,500-token prompts, 48 new tokens per stream (a whole 1,500-token prefill
+costs ~6 CPU-seconds there, and the unchunked engine runs one each time a slot frees, every few
+stream steps), budgets 32, 128 and 256 (the default), one run. Context 8,192, the model's own: the
+engine's 6 slots of KV cache take 2.3 GB (30 layers x 3 KV heads x 64 x 2 x fp32 per token).
+
 Time is this process's CPU time (one torch thread; the 2 cores are shared, which stretches wall
 clocks unevenly), as in bench/serve_bench.py.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,23 +40,59 @@ from bench.common import SHARED_DATA, write_result
 from serve.engine import Engine
 
 MACHINE_NOTE = "2-core shared CPU (four engineers' work on the same cores), 1 torch thread, CPU-time clock"
-LONG_TOKENS, STREAMS, STREAM_TOKENS = 400, 4, 96
+STREAMS = 4
 
 
-def _prompts(tok):
+@dataclass(frozen=True)
+class Subject:
+    """One suite: the base, its sizes and the result's name (bench/results/NAME.json, .png)."""
+
+    name: str
+    title: str
+    base: str  # a path or a catalogue name
+    tokenizer: str | None = None  # None: the base's own
+    context: int | None = None  # None: the base's own
+    long_tokens: int = 400  # the arriving prompts
+    stream_tokens: int = 96  # new tokens of each running stream
+    budgets: tuple[int, ...] = (32, 64, 128)
+    quick_budgets: tuple[int, ...] = (64,)
+    repeats: int = 3
+
+
+STORIES = SHARED_DATA / "stories260K"
+SUBJECTS = {
+    "chunked-prefill": Subject("chunked-prefill", "stories260K", str(STORIES), str(STORIES / "tokenizer.model")),
+    "chunked-prefill-smollm2": Subject(
+        "chunked-prefill-smollm2",
+        "SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct",
+        context=8192,
+        long_tokens=1500,
+        stream_tokens=48,
+        budgets=(32, 128, 256),
+        quick_budgets=(256,),
+        repeats=1,
+    ),
+}
+
+
+def _prompts(tok, long_tokens: int):
     records = json.loads((SHARED_DATA / "alpaca_data.json").read_text())
     short = [tok.encode(format_prompt(r["instruction"], r.get("input", "")), bos=True) for r in records[:16]]
-    text = " ".join(r["output"] for r in records[:400])  # real English, cut into 400-token prompts
-    ids = tok.encode(text, bos=False)
-    long = [[1] + ids[i : i + LONG_TOKENS - 1] for i in range(0, len(ids) - LONG_TOKENS, LONG_TOKENS)]
+    text = " ".join(r["output"] for r in records[:400])  # real English, cut into long_tokens-token prompts
+    ids, bos = tok.encode(text, bos=False), tok.bos_prefix
+    n = long_tokens - len(bos)
+    long = [bos + ids[i : i + n] for i in range(0, len(ids) - long_tokens, long_tokens)]
     return short, long
 
 
-def _run(base, short, long, step_tokens: int, arrivals: bool, short_probe: bool = False) -> dict:
+def _run(
+    base, short, long, step_tokens: int, arrivals: bool, short_probe: bool = False, stream_tokens: int = 96
+) -> dict:
     engine = Engine(base, eos_id=-1, max_running=STREAMS + 2, step_tokens=step_tokens)
     engine.warm_up()
     clock = time.process_time
-    streams = [engine.add(p, SamplingParams(STREAM_TOKENS, temperature=0)) for p in short[:STREAMS]]
+    streams = [engine.add(p, SamplingParams(stream_tokens, temperature=0)) for p in short[:STREAMS]]
     seen = {id(s): 0 for s in streams}
     last: dict[int, float] = {}
     gaps: list[float] = []
@@ -78,23 +122,25 @@ def _run(base, short, long, step_tokens: int, arrivals: bool, short_probe: bool 
     }
     if ttft:
         out |= {
+            "short_probes": len(ttft),
             "short_ttft_p50_ms": 1e3 * float(np.median(ttft)),
             "short_ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
         }
     return out
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, subject: str = "chunked-prefill") -> dict:
+    sub = SUBJECTS[subject]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    stories = SHARED_DATA / "stories260K"
     try:
-        loaded = load_model(ModelSource(base=str(stories), tokenizer=str(stories / "tokenizer.model"), device="cpu"))
-        short, long = _prompts(loaded.tokenizer)
-        unchunked = LONG_TOKENS + STREAMS + 2  # a whole long prompt fits one step: no chunking
-        budgets = {"unchunked": unchunked, **{f"chunked {b}": b for b in ((64,) if quick else (32, 64, 128))}}
-        repeats = 1 if quick else 3
+        loaded = load_model(ModelSource(base=sub.base, tokenizer=sub.tokenizer, context=sub.context, device="cpu"))
+        short, long = _prompts(loaded.tokenizer, sub.long_tokens)
+        unchunked = sub.long_tokens + STREAMS + 2  # a whole long prompt fits one step: no chunking
+        budgets = {"unchunked": unchunked, **{f"chunked {b}": b for b in (sub.quick_budgets if quick else sub.budgets)}}
+        repeats = 1 if quick else sub.repeats
         rows: dict[str, dict] = {}
+        t0 = time.perf_counter()
         for _ in range(repeats):  # interleaved repeats; the median run by p99 is kept
             for label, budget in budgets.items():
                 for mode, kw in (
@@ -102,7 +148,9 @@ def run(quick: bool = False) -> dict:
                     ("long prompts arriving", {"arrivals": True}),
                     ("long + short arriving", {"arrivals": True, "short_probe": True}),
                 ):
-                    rows.setdefault(label, {}).setdefault(mode, []).append(_run(loaded.base, short, long, budget, **kw))
+                    trial = _run(loaded.base, short, long, budget, stream_tokens=sub.stream_tokens, **kw)
+                    rows.setdefault(label, {}).setdefault(mode, []).append(trial)
+                    print(f"{label}, {mode}: {trial} ({time.perf_counter() - t0:.0f} s wall so far)", flush=True)
     finally:
         torch.set_num_threads(threads)
     med = {}
@@ -118,13 +166,13 @@ def run(quick: bool = False) -> dict:
             med[label]["long prompts arriving"]["inter_token_p99_ms"] / med[label]["no arrivals"]["inter_token_p99_ms"]
         )
     result = {
-        "what": "p99 inter-token latency of 4 running streams while 400-token prompts keep arriving, chunked "
-        "prefill vs unchunked; short-request TTFT among them (stories260K, measured)",
+        "what": f"p99 inter-token latency of {STREAMS} running streams while {sub.long_tokens}-token prompts keep "
+        f"arriving, chunked prefill vs unchunked; short-request TTFT among them ({sub.title}, measured)",
         "machine_note": MACHINE_NOTE,
         "settings": {
             "streams": STREAMS,
-            "stream_tokens": STREAM_TOKENS,
-            "long_prompt_tokens": LONG_TOKENS,
+            "stream_tokens": sub.stream_tokens,
+            "long_prompt_tokens": sub.long_tokens,
             "context": loaded.base.args.max_seq_len,
             "budgets": budgets,
             "repeats": repeats,
@@ -132,12 +180,12 @@ def run(quick: bool = False) -> dict:
         "results": med,
         "goal": "p99 inter-token with arrivals <= 2x without; short TTFT not worse than unchunked",
     }
-    path = write_result("chunked-prefill", result)
-    _chart(med)
+    path = write_result(sub.name, result)
+    _chart(med, sub)
     return json.loads(path.read_text())
 
 
-def _chart(med: dict) -> None:
+def _chart(med: dict, sub: Subject) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,8 +200,10 @@ def _chart(med: dict) -> None:
         ax.bar_label(bars, fmt="%.2g")
     ax.set_xticks(x, labels)
     ax.set_ylabel("ms of engine CPU time")
-    ax.set_title(f"Running streams while 400-token prompts arrive (stories260K)\n{MACHINE_NOTE}", fontsize=9)
+    ax.set_title(
+        f"Running streams while {sub.long_tokens}-token prompts arrive ({sub.title})\n{MACHINE_NOTE}", fontsize=9
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(common.RESULTS / "chunked-prefill.png", dpi=110)
+    fig.savefig(common.RESULTS / f"{sub.name}.png", dpi=110)
     plt.close(fig)

@@ -6,6 +6,7 @@ Benchmarks never run in CI; `--quick` is a tiny setting for smoke checks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -14,12 +15,14 @@ SUITES = (
     "projection",
     "preprocess",
     "serve",
+    "serve-smollm2",
     "gpu-check",
     "quantize",
     "quantize-smollm2",
     "multimodal",
     "decode",
     "chunked-prefill",
+    "chunked-prefill-smollm2",
     "zero-init-comparison",
     "zero-init-ablation",
     "squad-minilm",
@@ -33,8 +36,10 @@ def run_suite(name: str, quick: bool = False, budget: str | None = None) -> dict
         from bench.projection import run
     elif name == "preprocess":
         from bench.preprocess_bench import run
-    elif name == "serve":
+    elif name in ("serve", "serve-smollm2"):  # stories260K; the real SmolLM2 (engine level only)
         from bench.serve_bench import run
+
+        run = functools.partial(run, subject=name)
     elif name == "gpu-check":
         from bench.gpu_check import run  # the tiny shape on CPU (or with --quick), LLaMA-7B on a GPU
     elif name == "quantize":
@@ -45,8 +50,10 @@ def run_suite(name: str, quick: bool = False, budget: str | None = None) -> dict
         from bench.multimodal_bench import run  # COCO evaluation images/s; ScienceQA 8 x A100 projection
     elif name == "decode":
         from bench.decode_bench import run  # greedy decoding tokens/s, ours vs Hugging Face generate
-    elif name == "chunked-prefill":
+    elif name in ("chunked-prefill", "chunked-prefill-smollm2"):
         from bench.chunked_prefill_bench import run  # inter-token latency of running streams while long prompts arrive
+
+        run = functools.partial(run, subject=name)
     elif name == "zero-init-comparison":
         from bench.zero_init_comparison import run  # ViT / RoBERTa: zero-init vs gate fixed at 1 vs linear probe
     elif name == "zero-init-ablation":

@@ -1,17 +1,21 @@
-"""Suite `serve`: continuous batching against the wave engine it replaced, on the real pretrained
-stories260K base (measured).
+"""Suites `serve` and `serve-smollm2`: continuous batching against the wave engine it replaced, on
+the real pretrained stories260K base and on the real SmolLM2-135M-Instruct (measured; `SUBJECTS`
+holds each one's base and sizes, the code is the same).
 
 Engine level (no HTTP; one process, one torch thread, the same arrivals for every engine; greedy,
-no EOS, so a request makes exactly its max_tokens, mixed 16-256; real Alpaca instructions):
+no EOS, so a request makes exactly its max_tokens, mixed 16-256 (SmolLM2: 16-128); real Alpaca
+instructions in the Alpaca template, tokenized with the base's own tokenizer):
 - closed loop, 16 clients (each sends its next request when its last one finished): tokens/s of
   one-at-a-time (1 slot), the wave engine (waves of up to 16) and continuous batching (16 slots);
-  and continuous with 8 adapters of two prompt lengths (K 10 and 5) against one adapter;
+  and continuous with 8 adapters of two prompt lengths (K 10 and 5) against one adapter; time to
+  first token and the gaps between a request's tokens (inter-token p50 / p99);
 - open loop, Poisson arrivals at several rates: time to first token (TTFT) of the short requests
   (max_tokens <= 32) and of all, wave vs continuous.
 Engine-level time is the engine process's CPU time (`EngineClock`): the shared cores stretch wall
 clocks unevenly. The HTTP rows are wall clock.
 Over HTTP (the real Serve app, 1 replica, 16 closed-loop clients, 32 tokens each): one-at-a-time
-vs batched, 1 adapter vs 8 mixed adapters.
+vs batched, 1 adapter vs 8 mixed adapters (stories260K only: SmolLM2 decodes ~20 tokens per
+CPU-second alone, and the HTTP rows would not fit a run on the shared cores).
 
 The wave engine lives here only, as the baseline: a wave of up to `max_batch` waiting requests runs
 `adapter.decoding.generate` until its longest row ends; requests that arrive meanwhile wait for
@@ -27,7 +31,7 @@ import random
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +54,43 @@ PROMPTS = [
 ]
 
 
+@dataclass(frozen=True)
+class Subject:
+    """One serve suite: the base, its sizes and the result's name (bench/results/NAME.json, .png)."""
+
+    name: str
+    title: str
+    base: str  # a path or a catalogue name
+    tokenizer: str | None = None  # None: the base's own
+    context: int | None = None  # None: the base's own
+    max_tokens: tuple[int, ...] = MAX_TOKENS_CHOICES
+    sizes: tuple[int, int, int] = (64, 120, 3)  # closed-loop requests, open-loop requests per rate, repeats
+    quick_sizes: tuple[int, int, int] = (32, 24, 1)
+    rates: tuple[float, ...] = (4.0, 8.0, 16.0)  # open-loop arrivals per second of engine time
+    http: bool = True
+    goal_batched: float = 4.0
+
+
+STORIES = SHARED_DATA / "stories260K"
+SUBJECTS = {
+    "serve": Subject("serve", "stories260K", str(STORIES), str(STORIES / "tokenizer.model")),
+    # ~20 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
+    # so the suite fits ~12 minutes on the shared cores; its prompts (cut at 256 tokens) + 128 fit 512.
+    "serve-smollm2": Subject(
+        "serve-smollm2",
+        "SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct",
+        context=512,
+        max_tokens=(16, 32, 64, 128),
+        sizes=(32, 16, 1),
+        quick_sizes=(4, 4, 1),
+        rates=(1.0,),
+        http=False,
+        goal_batched=5.0,
+    ),
+}
+
+
 @dataclass
 class Req:
     client: int
@@ -60,9 +101,22 @@ class Req:
     first: float | None = None
     done: float | None = None
     tokens: int = 0
+    last: float | None = None  # when its latest token came
+    gaps: list[float] = field(default_factory=list)  # between its consecutive tokens
 
     def __lt__(self, other):  # heap order
         return self.arrival < other.arrival
+
+    def got(self, n: int, now: float) -> None:
+        """n new tokens at `now` (engine time)."""
+        if n <= 0:
+            return
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.gaps += [0.0] * (n - 1)
+        self.last, self.tokens = now, self.tokens + n
 
 
 def _instructions(tok, n: int, seed: int) -> list[list[int]]:
@@ -74,9 +128,9 @@ def _instructions(tok, n: int, seed: int) -> list[list[int]]:
     return [tok.encode(format_prompt(r["instruction"], r.get("input", "")), bos=True)[:256] for r in records[:n]]
 
 
-def _requests(prompts, n: int, n_adapters: int, seed: int) -> list[Req]:
+def _requests(prompts, n: int, n_adapters: int, seed: int, choices=MAX_TOKENS_CHOICES) -> list[Req]:
     rng = random.Random(seed)
-    return [Req(i % 16, prompts[i % len(prompts)], rng.choice(MAX_TOKENS_CHOICES), i % n_adapters) for i in range(n)]
+    return [Req(i % 16, prompts[i % len(prompts)], rng.choice(choices), i % n_adapters) for i in range(n)]
 
 
 def _adapter_prefixes(base, n: int, lengths=(10, 5)) -> list[dict]:
@@ -159,10 +213,9 @@ def run_continuous(base, reqs: list[Req], prefixes: list, slots: int, closed: bo
         now = clock.now()
         for seq in touched:
             r = by_seq[seq]
-            if r.first is None and seq.tokens:
-                r.first = now
+            r.got(len(seq.tokens) - r.tokens, now)
             if seq.done and r.done is None:
-                r.done, r.tokens, left = now, len(seq.tokens), left - 1
+                r.done, left = now, left - 1
                 arrivals.finished(r, now)
     return time.process_time() - clock.cpu0
 
@@ -186,8 +239,7 @@ def run_waves(base, reqs: list[Req], prefixes: list, max_batch: int, closed: boo
         def on_token(row: int, token: int, wave=wave) -> None:
             nonlocal left
             r, now = wave[row], clock.now()
-            r.first = r.first if r.first is not None else now
-            r.tokens += 1
+            r.got(1, now)
             if r.tokens == r.max_tokens:
                 r.done, left = now, left - 1
                 arrivals.finished(r, now)
@@ -211,6 +263,7 @@ def summarize(reqs: list[Req], cpu_s: float) -> dict:
     ttft = np.array([r.first - r.arrival for r in reqs])
     short = np.array([r.first - r.arrival for r in reqs if r.max_tokens <= SHORT])
     lat = np.array([r.done - r.arrival for r in reqs])
+    gaps = np.array([g for r in reqs for g in r.gaps])
     return {
         "requests": len(reqs),
         "completion_tokens": tokens,
@@ -222,6 +275,8 @@ def summarize(reqs: list[Req], cpu_s: float) -> dict:
         "ttft_p99_s": float(np.percentile(ttft, 99)),
         "short_ttft_p50_s": float(np.percentile(short, 50)),
         "short_ttft_p99_s": float(np.percentile(short, 99)),
+        "inter_token_p50_s": float(np.percentile(gaps, 50)),
+        "inter_token_p99_s": float(np.percentile(gaps, 99)),
         "latency_p50_s": float(np.percentile(lat, 50)),
         "latency_p99_s": float(np.percentile(lat, 99)),
     }
@@ -231,13 +286,15 @@ def _fresh(reqs: list[Req]) -> list[Req]:
     return [Req(r.client, r.prompt, r.max_tokens, r.adapter, r.arrival) for r in reqs]
 
 
-def engine_level(base, tok, n_closed: int, n_open: int, rates: tuple[float, ...], repeats: int) -> dict:
+def engine_level(
+    base, tok, n_closed: int, n_open: int, rates: tuple[float, ...], repeats: int, choices=MAX_TOKENS_CHOICES
+) -> dict:
     """The closed-loop runs are repeated, interleaved, and the median run (by tokens/s) is kept: the
     2 cores are shared, and a neighbour's load moves single runs by 2x or more."""
     prompts = _instructions(tok, 64, seed=0)
     adapters = _adapter_prefixes(base, 8)
     one = [adapters[0]] * 8
-    closed = _requests(prompts, n_closed, 8, seed=1)
+    closed = _requests(prompts, n_closed, 8, seed=1, choices=choices)
     configs = (
         ("one-at-a-time (1 slot)", run_continuous, {"slots": 1}, one),
         ("wave engine (16 per wave)", run_waves, {"max_batch": 16}, one),
@@ -250,6 +307,7 @@ def engine_level(base, tok, n_closed: int, n_open: int, rates: tuple[float, ...]
             reqs = _fresh(closed)
             cpu = fn(base, reqs, pre, closed=True, **kw)
             runs.setdefault(label, []).append(summarize(reqs, cpu))
+            print(f"closed loop, {label}: {runs[label][-1]['tokens_per_cpu_s']:.1f} tokens/CPU-s", flush=True)
     rows = {}
     for label, trials in runs.items():
         trials = sorted(trials, key=lambda r: r["tokens_per_cpu_s"])
@@ -262,13 +320,14 @@ def engine_level(base, tok, n_closed: int, n_open: int, rates: tuple[float, ...]
     for rate in rates:
         rng = np.random.default_rng(int(rate * 1000))
         arrivals = np.cumsum(rng.exponential(1 / rate, n_open))
-        reqs = _requests(prompts, n_open, 1, seed=2)
+        reqs = _requests(prompts, n_open, 1, seed=2, choices=choices)
         for r, t in zip(reqs, arrivals):
             r.arrival = float(t)
         for label, fn, kw in (("wave", run_waves, {"max_batch": 16}), ("continuous", run_continuous, {"slots": 16})):
             trial = _fresh(reqs)
             cpu = fn(base, trial, one, closed=False, **kw)
             open_loop.setdefault(label, {})[str(rate)] = summarize(trial, cpu)
+            print(f"open loop {rate}/s, {label}: {open_loop[label][str(rate)]}", flush=True)
     return {"closed_loop_16_clients": rows, "open_loop_poisson": open_loop}
 
 
@@ -355,7 +414,7 @@ def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) ->
     return rows
 
 
-def _chart(path: Path, result: dict) -> None:
+def _chart(path: Path, result: dict, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,15 +422,17 @@ def _chart(path: Path, result: dict) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     closed = result["engine"]["closed_loop_16_clients"]
-    http = result["http"]
+    http = result.get("http", {})
     labels = [f"engine: {k} (per CPU-s)" for k in closed] + [f"HTTP: {k} (wall)" for k in http]
     values = [r["tokens_per_cpu_s"] for r in closed.values()] + [r["tokens_per_s"] for r in http.values()]
     bars = a.barh(
-        labels, values, color=["#999999", "#e07b39", "#4878a8", "#6aa84f"] + ["#bbbbbb", "#4878a8", "#6aa84f"]
+        labels,
+        values,
+        color=(["#999999", "#e07b39", "#4878a8", "#6aa84f"] + ["#bbbbbb", "#4878a8", "#6aa84f"])[: len(values)],
     )
     a.bar_label(bars, fmt="%.0f")
     a.invert_yaxis()
-    a.set_xlabel("tokens / s (engine: per CPU-second; HTTP: wall clock)")
+    a.set_xlabel("tokens / s (engine: per CPU-second; HTTP: wall clock)" if http else "tokens per CPU-second")
     a.set_title("Throughput, 16 closed-loop clients")
     open_loop = result["engine"]["open_loop_poisson"]
     for label, color in (("wave", "#e07b39"), ("continuous", "#4878a8")):
@@ -391,43 +452,52 @@ def _chart(path: Path, result: dict) -> None:
             label=f"{label}: p50 TTFT, all",
         )
     b.set_yscale("log")
-    b.set_xlabel("Poisson arrivals / s (engine time; max_tokens 16-256)")
+    choices = result["settings"]["engine"]["max_tokens_mixed"]
+    b.set_xlabel(f"Poisson arrivals / s (engine time; max_tokens {min(choices)}-{max(choices)})")
     b.set_ylabel("time to first token (s of engine CPU time)")
     b.set_title("Short requests under long ones")
     b.legend(fontsize=8, loc="center right")
     b.grid(alpha=0.3)
-    fig.suptitle("Serving stories260K on a 2-core CPU (measured)")
+    fig.suptitle(f"Serving {title} on a 2-core CPU (measured)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(quick: bool = False, rates: tuple[float, ...] = (4.0, 8.0, 16.0)) -> dict:
+def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | None = None) -> dict:
     from adapter.loader import load_model
     from adapter.settings import ModelSource
 
-    stories = SHARED_DATA / "stories260K"
+    sub = SUBJECTS[subject]
+    rates = sub.rates if rates is None else rates
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
     try:
-        loaded = load_model(ModelSource(base=str(stories), tokenizer=str(stories / "tokenizer.model"), device="cpu"))
-        n_closed, n_open, repeats = (32, 24, 1) if quick else (64, 120, 3)
-        engine = engine_level(loaded.base, loaded.tokenizer, n_closed, n_open, rates[:1] if quick else rates, repeats)
+        loaded = load_model(ModelSource(base=sub.base, tokenizer=sub.tokenizer, context=sub.context, device="cpu"))
+        n_closed, n_open, repeats = sub.quick_sizes if quick else sub.sizes
+        engine = engine_level(
+            loaded.base, loaded.tokenizer, n_closed, n_open, rates[:1] if quick else rates, repeats, sub.max_tokens
+        )
     finally:
         torch.set_num_threads(threads)
-    http = http_level(stories, 16 if quick else 96, 16, 8 if quick else 32)
+    http_tokens = 8 if quick else 32
+    http = http_level(Path(sub.base), 16 if quick else 96, 16, http_tokens) if sub.http else None
     closed = engine["closed_loop_16_clients"]
     short = {
         label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
         for label, rows in engine["open_loop_poisson"].items()
     }
+    what = f"continuous batching vs the wave engine, {sub.title} base, greedy (measured)"
+    if not sub.http:
+        what += "; engine level only (the HTTP rows would not fit a ~12-minute run on the shared cores)"
     result = {
-        "what": "continuous batching vs the wave engine, stories260K base, greedy (measured)",
+        "what": what,
         "settings": {
             "engine": {
                 "torch_threads": 1,
+                "context": loaded.base.args.max_seq_len,
                 "slots_or_wave": 16,
-                "max_tokens_mixed": MAX_TOKENS_CHOICES,
+                "max_tokens_mixed": sub.max_tokens,
                 "closed_loop_requests": n_closed,
                 "closed_loop_repeats_median_kept": repeats,
                 "open_loop_requests_per_rate": n_open,
@@ -435,14 +505,12 @@ def run(quick: bool = False, rates: tuple[float, ...] = (4.0, 8.0, 16.0)) -> dic
                 "wave_window_s": 0.02,
                 "time": "engine process CPU seconds, idle gaps skipped to the next arrival",
             },
-            "http": {"max_tokens": 8 if quick else 32, "clients": 16, "replicas": 1},
+            **({"http": {"max_tokens": http_tokens, "clients": 16, "replicas": 1}} if http else {}),
         },
         "engine": engine,
-        "http": http,
+        **({"http": http} if http else {}),
         "batched_vs_one_at_a_time_engine": closed["continuous (16 slots)"]["tokens_per_cpu_s"]
         / closed["one-at-a-time (1 slot)"]["tokens_per_cpu_s"],
-        "batched_vs_one_at_a_time_http": http["batched, 1 adapter"]["tokens_per_s"]
-        / http["one-at-a-time"]["tokens_per_s"],
         "continuous_vs_wave_tokens_per_cpu_s": closed["continuous (16 slots)"]["tokens_per_cpu_s"]
         / closed["wave engine (16 per wave)"]["tokens_per_cpu_s"],
         "short_ttft_p99_wave_over_continuous": {
@@ -451,14 +519,19 @@ def run(quick: bool = False, rates: tuple[float, ...] = (4.0, 8.0, 16.0)) -> dic
         "mixed_vs_single_adapter_engine": closed["continuous, 8 adapters (K 10 and 5)"]["tokens_per_cpu_s"]
         / closed["continuous (16 slots)"]["tokens_per_cpu_s"],
         "engine_ratios_are": "tokens per CPU-second of the engine process (the median of the repeats)",
-        "mixed_vs_single_adapter_http": http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"]
-        / http["batched, 1 adapter"]["tokens_per_s"],
         "goals": {
-            "batched_vs_one_at_a_time": ">= 4",
+            "batched_vs_one_at_a_time": f">= {sub.goal_batched:g}",
             "short_ttft_p99_wave_over_continuous": ">= 3",
             "mixed_vs_single_adapter": ">= 0.9",
         },
     }
-    path = write_result("serve", result)
-    _chart(common.RESULTS / "serve.png", result)
+    if http:
+        result["batched_vs_one_at_a_time_http"] = (
+            http["batched, 1 adapter"]["tokens_per_s"] / http["one-at-a-time"]["tokens_per_s"]
+        )
+        result["mixed_vs_single_adapter_http"] = (
+            http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"] / http["batched, 1 adapter"]["tokens_per_s"]
+        )
+    path = write_result(sub.name, result)
+    _chart(common.RESULTS / f"{sub.name}.png", result, sub.title)
     return json.loads(path.read_text())
