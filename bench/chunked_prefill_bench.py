@@ -33,10 +33,8 @@ import torch
 
 import bench.common as common
 from adapter.decoding import SamplingParams
-from adapter.loader import load_model
 from adapter.prompts import format_prompt
-from adapter.settings import ModelSource
-from bench.common import SHARED_DATA, write_result
+from bench.common import SHARED_DATA, SMOLLM2, STORIES260K, BenchBase, write_result
 from serve.engine import Engine
 
 MACHINE_NOTE = "2-core shared CPU (four engineers' work on the same cores), 1 torch thread, CPU-time clock"
@@ -48,10 +46,7 @@ class Subject:
     """One suite: the base, its sizes and the result's name (bench/results/NAME.json, .png)."""
 
     name: str
-    title: str
-    base: str  # a path or a catalogue name
-    tokenizer: str | None = None  # None: the base's own
-    context: int | None = None  # None: the base's own
+    base: BenchBase
     long_tokens: int = 400  # the arriving prompts
     stream_tokens: int = 96  # new tokens of each running stream
     budgets: tuple[int, ...] = (32, 64, 128)
@@ -59,14 +54,11 @@ class Subject:
     repeats: int = 3
 
 
-STORIES = SHARED_DATA / "stories260K"
 SUBJECTS = {
-    "chunked-prefill": Subject("chunked-prefill", "stories260K", str(STORIES), str(STORIES / "tokenizer.model")),
+    "chunked-prefill": Subject("chunked-prefill", STORIES260K),
     "chunked-prefill-smollm2": Subject(
         "chunked-prefill-smollm2",
-        "SmolLM2-135M-Instruct",
-        "SmolLM2-135M-Instruct",
-        context=8192,
+        SMOLLM2.with_context(8192),
         long_tokens=1500,
         stream_tokens=48,
         budgets=(32, 128, 256),
@@ -134,7 +126,7 @@ def run(quick: bool = False, subject: str = "chunked-prefill") -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        loaded = load_model(ModelSource(base=sub.base, tokenizer=sub.tokenizer, context=sub.context, device="cpu"))
+        loaded = sub.base.load()
         short, long = _prompts(loaded.tokenizer, sub.long_tokens)
         unchunked = sub.long_tokens + STREAMS + 2  # a whole long prompt fits one step: no chunking
         budgets = {"unchunked": unchunked, **{f"chunked {b}": b for b in (sub.quick_budgets if quick else sub.budgets)}}
@@ -167,7 +159,7 @@ def run(quick: bool = False, subject: str = "chunked-prefill") -> dict:
         )
     result = {
         "what": f"p99 inter-token latency of {STREAMS} running streams while {sub.long_tokens}-token prompts keep "
-        f"arriving, chunked prefill vs unchunked; short-request TTFT among them ({sub.title}, measured)",
+        f"arriving, chunked prefill vs unchunked; short-request TTFT among them ({sub.base.title}, measured)",
         "machine_note": MACHINE_NOTE,
         "settings": {
             "streams": STREAMS,
@@ -201,7 +193,7 @@ def _chart(med: dict, sub: Subject) -> None:
     ax.set_xticks(x, labels)
     ax.set_ylabel("ms of engine CPU time")
     ax.set_title(
-        f"Running streams while {sub.long_tokens}-token prompts arrive ({sub.title})\n{MACHINE_NOTE}", fontsize=9
+        f"Running streams while {sub.long_tokens}-token prompts arrive ({sub.base.title})\n{MACHINE_NOTE}", fontsize=9
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

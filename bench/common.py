@@ -6,10 +6,36 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@dataclass(frozen=True)
+class BenchBase:
+    """A base a suite runs on: a path or a catalogue name; tokenizer and context None: the base's own."""
+
+    title: str
+    path: str
+    tokenizer: str | None = None
+    context: int | None = None
+
+    def load(self):
+        from adapter.loader import load_model
+        from adapter.settings import ModelSource
+
+        return load_model(ModelSource(base=self.path, tokenizer=self.tokenizer, context=self.context, device="cpu"))
+
+    def with_context(self, context: int) -> BenchBase:
+        return BenchBase(self.title, self.path, self.tokenizer, context)
+
+
+STORIES260K = BenchBase(
+    "stories260K", str(SHARED_DATA / "stories260K"), str(SHARED_DATA / "stories260K" / "tokenizer.model")
+)
+SMOLLM2 = BenchBase("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct")  # a catalogue name (adapter/models.py)
 
 
 def machine() -> dict:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import bench.common as common
-from bench.common import SHARED_DATA, write_result
+from bench.common import SHARED_DATA, SMOLLM2, STORIES260K, BenchBase, write_result
 
 MAX_TOKENS_CHOICES = (16, 32, 64, 128, 256)
 SHORT = 32
@@ -59,10 +59,7 @@ class Subject:
     """One serve suite: the base, its sizes and the result's name (bench/results/NAME.json, .png)."""
 
     name: str
-    title: str
-    base: str  # a path or a catalogue name
-    tokenizer: str | None = None  # None: the base's own
-    context: int | None = None  # None: the base's own
+    base: BenchBase
     max_tokens: tuple[int, ...] = MAX_TOKENS_CHOICES
     sizes: tuple[int, int, int] = (64, 120, 3)  # closed-loop requests, open-loop requests per rate, repeats
     quick_sizes: tuple[int, int, int] = (32, 24, 1)
@@ -71,16 +68,13 @@ class Subject:
     goal_batched: float = 4.0
 
 
-STORIES = SHARED_DATA / "stories260K"
 SUBJECTS = {
-    "serve": Subject("serve", "stories260K", str(STORIES), str(STORIES / "tokenizer.model")),
+    "serve": Subject("serve", STORIES260K),
     # ~20 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
     # so the suite fits ~12 minutes on the shared cores; its prompts (cut at 256 tokens) + 128 fit 512.
     "serve-smollm2": Subject(
         "serve-smollm2",
-        "SmolLM2-135M-Instruct",
-        "SmolLM2-135M-Instruct",
-        context=512,
+        SMOLLM2.with_context(512),
         max_tokens=(16, 32, 64, 128),
         sizes=(32, 16, 1),
         quick_sizes=(4, 4, 1),
@@ -465,15 +459,12 @@ def _chart(path: Path, result: dict, title: str) -> None:
 
 
 def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | None = None) -> dict:
-    from adapter.loader import load_model
-    from adapter.settings import ModelSource
-
     sub = SUBJECTS[subject]
     rates = sub.rates if rates is None else rates
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
     try:
-        loaded = load_model(ModelSource(base=sub.base, tokenizer=sub.tokenizer, context=sub.context, device="cpu"))
+        loaded = sub.base.load()
         n_closed, n_open, repeats = sub.quick_sizes if quick else sub.sizes
         engine = engine_level(
             loaded.base, loaded.tokenizer, n_closed, n_open, rates[:1] if quick else rates, repeats, sub.max_tokens
@@ -481,13 +472,13 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
     finally:
         torch.set_num_threads(threads)
     http_tokens = 8 if quick else 32
-    http = http_level(Path(sub.base), 16 if quick else 96, 16, http_tokens) if sub.http else None
+    http = http_level(Path(sub.base.path), 16 if quick else 96, 16, http_tokens) if sub.http else None
     closed = engine["closed_loop_16_clients"]
     short = {
         label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
         for label, rows in engine["open_loop_poisson"].items()
     }
-    what = f"continuous batching vs the wave engine, {sub.title} base, greedy (measured)"
+    what = f"continuous batching vs the wave engine, {sub.base.title} base, greedy (measured)"
     if not sub.http:
         what += "; engine level only (the HTTP rows would not fit a ~12-minute run on the shared cores)"
     result = {
@@ -533,5 +524,5 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
             http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"] / http["batched, 1 adapter"]["tokens_per_s"]
         )
     path = write_result(sub.name, result)
-    _chart(common.RESULTS / f"{sub.name}.png", result, sub.title)
+    _chart(common.RESULTS / f"{sub.name}.png", result, sub.base.title)
     return json.loads(path.read_text())
