@@ -172,12 +172,13 @@ def run(quick: bool = False, subject: str = "chunked-prefill") -> dict:
         "results": med,
         "goal": "p99 inter-token with arrivals <= 2x without; short TTFT not worse than unchunked",
     }
-    path = write_result(sub.name, result)
-    _chart(med, sub)
+    name = f"{sub.name}-quick" if quick else sub.name  # quick results are not kept (.gitignore)
+    path = write_result(name, result)
+    _chart(med, sub, name)
     return json.loads(path.read_text())
 
 
-def _chart(med: dict, sub: Subject) -> None:
+def _chart(med: dict, sub: Subject, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,5 +198,5 @@ def _chart(med: dict, sub: Subject) -> None:
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(common.RESULTS / f"{sub.name}.png", dpi=110)
+    fig.savefig(common.RESULTS / f"{name}.png", dpi=110)
     plt.close(fig)

@@ -2,8 +2,7 @@
 adapter already trained on it (no retraining here), CPU, measured.
 
 The adapter is the one the README's first command trains, on the first 600 Alpaca records
-(`python -m pipelines.train --config smollm2-alpaca-cpu --set data.limit=600 --set
-data.val_fraction=0.08 --set name=smollm2-alpaca-600`), scored on its own held-out records (the
+(`TRAIN_COMMAND` below), scored on its own held-out records (the
 `val/` parquet of that run's preprocessed data, already tokenized with the prompt template the
 adapter was trained with). The base is loaded four times through `load_model`: fp32, bf16, int8 and
 int4 (adapter/quantize.py); per precision: bytes of base weights (all, and the block linears alone),
@@ -31,7 +30,7 @@ from adapter.loader import load_model
 from adapter.quantize import weight_bytes
 from adapter.settings import ModelSource, project_path
 from bench import common
-from bench.common import bar_chart, write_result
+from bench.common import SMOLLM2, bar_chart, write_result
 from bench.quantize_bench import (
     PRECISIONS,
     agreement,
@@ -43,10 +42,11 @@ from bench.quantize_bench import (
 )
 
 ADAPTER = "runs/smollm2-alpaca-600/adapter"
-VAL = "runs/data/alpaca-smollm2-192-first600/val"
+DATA = "runs/data/alpaca-smollm2-192-first600"  # its own folder: the 300-record one stays the README's
+VAL = f"{DATA}/val"
 TRAIN_COMMAND = (
     "python -m pipelines.train --config smollm2-alpaca-cpu --set data.limit=600 "
-    "--set data.val_fraction=0.08 --set name=smollm2-alpaca-600"
+    f"--set data.val_fraction=0.08 --set data.out={DATA} --set name=smollm2-alpaca-600"
 )
 CONTEXT = 512  # the training config's cap: the records are at most 192 tokens, + 32 generated
 
@@ -89,7 +89,7 @@ def _run(quick: bool, adapter: Path, val: Path) -> dict:
     records = held_out_records(val)
     n_val, n_prompts, n_new = (2, 2, 8) if quick else (len(records), 8, 32)
     records = records[:n_val]
-    bases, loaded = smollm2_bases(training.get("base") or "SmolLM2-135M-Instruct")
+    bases, loaded = smollm2_bases(training.get("base") or SMOLLM2.path)
     eos = loaded.tokenizer.eos_id
     prompts = load_adapter(adapter, bases["fp32"].args)
     zero_gate = AdaptionPrompts(bases["fp32"].args, meta["config"])
@@ -99,7 +99,7 @@ def _run(quick: bool, adapter: Path, val: Path) -> dict:
     rows, samples = {}, {}
     for prec in PRECISIONS:
         base = bases[prec]
-        out = greedy(base, prompts, inputs, eos, n_new)
+        out = ref if prec == "fp32" else greedy(base, prompts, inputs, eos, n_new)
         rows[prec] = {
             "base_weight_bytes": weight_bytes(base),
             "block_linear_bytes": linear_bytes(base),
@@ -134,7 +134,7 @@ def _run(quick: bool, adapter: Path, val: Path) -> dict:
         "first_prompt_output": samples,
     }
     result["markdown"] = markdown(rows, n_new)
-    result["charts"] = [str(chart(rows, name))]
+    result["charts"] = [chart(rows, name).name]  # beside the JSON in bench/results
     result["wall_s"] = time.perf_counter() - t0
     write_result(name, result)
     print(result["markdown"])

@@ -14,7 +14,7 @@ instructions in the Alpaca template, tokenized with the base's own tokenizer):
 Engine-level time is the engine process's CPU time (`EngineClock`): the shared cores stretch wall
 clocks unevenly. The HTTP rows are wall clock.
 Over HTTP (the real Serve app, 1 replica, 16 closed-loop clients, 32 tokens each): one-at-a-time
-vs batched, 1 adapter vs 8 mixed adapters (stories260K only: SmolLM2 decodes ~20 tokens per
+vs batched, 1 adapter vs 8 mixed adapters (stories260K only: SmolLM2 decodes ~15 tokens per
 CPU-second alone, and the HTTP rows would not fit a run on the shared cores).
 
 The wave engine lives here only, as the baseline: a wave of up to `max_batch` waiting requests runs
@@ -70,7 +70,7 @@ class Subject:
 
 SUBJECTS = {
     "serve": Subject("serve", STORIES260K),
-    # ~20 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
+    # ~15 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
     # so the suite fits ~12 minutes on the shared cores; its prompts (cut at 256 tokens) + 128 fit 512.
     "serve-smollm2": Subject(
         "serve-smollm2",
@@ -523,6 +523,7 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
         result["mixed_vs_single_adapter_http"] = (
             http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"] / http["batched, 1 adapter"]["tokens_per_s"]
         )
-    path = write_result(sub.name, result)
-    _chart(common.RESULTS / f"{sub.name}.png", result, sub.base.title)
+    name = f"{sub.name}-quick" if quick else sub.name  # quick results are not kept (.gitignore)
+    path = write_result(name, result)
+    _chart(common.RESULTS / f"{name}.png", result, sub.base.title)
     return json.loads(path.read_text())

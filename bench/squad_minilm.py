@@ -296,9 +296,22 @@ def run(quick: bool = False, budget: str | None = None, arms: tuple[str, ...] = 
         "lr_grid": {a: list(v) for a, v in LR_GRID.items()},
         "arms": {},
     }
+    # An interrupted run goes on where it stopped: arms already in this budget's result file are kept
+    # (its log keeps every line; the data split and records are rebuilt the same from the same seed).
+    done = {}
+    if name != "quick" and (RESULTS / f"{stem}.json").is_file():
+        earlier = json.loads((RESULTS / f"{stem}.json").read_text())
+        same = json.loads(json.dumps({k: result[k] for k in ("budget", "lr_grid")}))  # tuples as JSON has them
+        if {k: earlier.get(k) for k in same} == same:
+            done = earlier["arms"]
+            result["wall_s_earlier"] = earlier.get("wall_s_earlier", 0) + earlier.get("wall_s", 0)
+            log(f"continuing: arms {', '.join(done)} kept from the run of {earlier['date']}")
     with tempfile.TemporaryDirectory(prefix="squad-minilm-") as d:
         base = base_config(Path(d), b)
         for arm in arms:
+            if arm in done:
+                result["arms"][arm] = done[arm]
+                continue
             result["arms"][arm] = run_arm(base, arm, b.seeds, log)
             stats = json.loads((Path(d) / "records" / "stats.json").read_text())
             result["train_questions"] = stats["questions"]

@@ -294,11 +294,13 @@ def test_full_fine_tuning_trains_the_backbone_resumes_after_a_fault_and_evaluate
             "micro_batch_size": 16,
         },
         checkpoint={"every_n_steps": 4},
-        fail_at_step=6,  # a worker dies once; the run resumes from the step-4 checkpoint (backbone weights included)
+        fail_at_step=6,  # a worker dies once; the run resumes from its step-5 checkpoint (backbone weights included)
     )
     summary = run(cfg)
     assert (tmp_path / "runs" / "full" / ".fault_injected").is_file()
-    assert summary["steps"] == summary["total_steps"]
+    starts = [json.loads(x)["step"] for x in open(summary["metrics"]) if '"kind": "start"' in x]
+    # The restart began at the last checkpoint before the fault: step 5, the end of the first epoch.
+    assert starts == [0, 5] and summary["steps"] == summary["total_steps"] == 10
     assert summary["base_digest_start"] != summary["base_digest_end"]  # the backbone itself trained
     assert "fine-tuned bert" in summary["base_note"] and "full" in summary["base_note"]
     result = evaluate(cfg)  # the adapter file carries the tuned backbone; evaluation loads it into the original

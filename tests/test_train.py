@@ -110,11 +110,14 @@ def mid_checkpoint(reference) -> Path:
 
 def test_resumed_run_whose_worker_dies_ends_in_the_same_adapter(reference, mid_checkpoint, workdir):
     """Both recoveries in one run (each Ray Train run costs the suite ~a minute): the user resumes from
-    the reference's step-16 checkpoint, then a worker dies at step 18, before this run saved one of its
-    own, so Ray restarts the group from that same checkpoint; the result equals the uninterrupted run."""
-    over = {"checkpoint.resume_from": str(mid_checkpoint), "fail_at_step": 18}
+    the reference's step-16 checkpoint; this run saves every 2 steps, a worker dies at step 19, and
+    Ray restarts the group from this run's own step-18 checkpoint. Ending in the reference's adapter
+    checks that optimizer, schedule and data position were restored; the start rows check that each
+    start really began where it should (a run that ignored both would still end equal)."""
+    over = {"checkpoint.resume_from": str(mid_checkpoint), "checkpoint.every_n_steps": 2, "fail_at_step": 19}
     resumed = run(_cfg(workdir, "resumed", **over))
     assert (workdir / "runs" / "resumed" / ".fault_injected").is_file(), "the fault was never injected"
+    assert [r["step"] for r in _metrics(resumed, "start")] == [16, 18]
     assert resumed["steps"] == reference["steps"]
     a, b = _adapter(reference), _adapter(resumed)
     assert torch.allclose(a.prompt, b.prompt, atol=ATOL) and torch.allclose(a.gate, b.gate, atol=ATOL)

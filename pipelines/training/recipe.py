@@ -103,7 +103,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 class FaultInjector:
-    """`fail_at_step`: the last worker exits once at that step (a marker file makes it once per run)."""
+    """`fail_at_step`: the last worker exits once at that step (a marker file makes it once per run).
+
+    Ray Train registers a reported checkpoint when its controller next polls the workers (every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a worker lost within that interval of a
+    report restarts the group from the checkpoint before. The injected crash waits two intervals
+    first, so the restart it shows is from the latest checkpoint (docs/training.md)."""
 
     def __init__(self, at_step: int | None, marker: Path, is_victim: bool):
         self.at_step, self.marker, self.armed = at_step, marker, is_victim and at_step is not None
@@ -111,6 +116,7 @@ class FaultInjector:
     def maybe_fail(self, step: int) -> None:
         if self.armed and step == self.at_step and not self.marker.exists():
             self.marker.write_text(f"worker killed at step {step}\n")
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
             print(f"[train] fault injection: a worker exits at step {step}", flush=True)
             os._exit(1)
 
