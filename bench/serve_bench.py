@@ -25,6 +25,7 @@ the next wave (after the 20 ms batch window of the old default).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import heapq
 import json
 import random
@@ -193,6 +194,7 @@ def run_continuous(base, reqs: list[Req], prefixes: list, slots: int, closed: bo
     from adapter.decoding import SamplingParams
     from serve.engine import Engine
 
+    gc.collect()  # the previous engine's KV cache, kept by its reference cycles until a collection
     engine = Engine(base, eos_id=-1, max_running=slots, max_waiting=10_000)
     arrivals, by_seq, left = Arrivals(reqs, closed), {}, len(reqs)
     clock = EngineClock()
