@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ SUBJECTS = {
     "chunked-prefill": Subject("chunked-prefill", STORIES260K),
     "chunked-prefill-smollm2": Subject(
         "chunked-prefill-smollm2",
-        SMOLLM2.with_context(8192),
+        replace(SMOLLM2, context=8192),
         long_tokens=1500,
         stream_tokens=48,
         budgets=(32, 128, 256),

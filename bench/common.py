@@ -28,9 +28,6 @@ class BenchBase:
 
         return load_model(ModelSource(base=self.path, tokenizer=self.tokenizer, context=self.context, device="cpu"))
 
-    def with_context(self, context: int) -> BenchBase:
-        return BenchBase(self.title, self.path, self.tokenizer, context)
-
 
 STORIES260K = BenchBase(
     "stories260K", str(SHARED_DATA / "stories260K"), str(SHARED_DATA / "stories260K" / "tokenizer.model")

@@ -32,7 +32,7 @@ import random
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,7 @@ SUBJECTS = {
     # so the suite fits ~12 minutes on the shared cores; its prompts (cut at 256 tokens) + 128 fit 512.
     "serve-smollm2": Subject(
         "serve-smollm2",
-        SMOLLM2.with_context(512),
+        replace(SMOLLM2, context=512),
         max_tokens=(16, 32, 64, 128),
         sizes=(32, 16, 1),
         quick_sizes=(4, 4, 1),
