@@ -44,7 +44,7 @@ BUDGETS = {
     "session": dict(
         layers=4, plen=10, seq=192, steps=20, mb=4, lr=0.01, per_split=20, a_steps=20, a_val=24, seeds=(0, 1)
     ),
-    # The issue's size (about 90 minutes on an idle 2-core machine): not run yet.
+    # The issue's size (about 90 minutes on an idle 2-core machine).
     "cpu": dict(layers=6, plen=10, seq=256, steps=60, mb=6, lr=0.01, per_split=100, a_steps=40, a_val=48, seeds=(0, 1)),
 }
 
@@ -135,6 +135,16 @@ def sqa_accuracy(base, tok, prompts, rows: list[dict]) -> dict:
     return {"accuracy": round(100 * right / max(1, len(rows)), 2), "answered": parsed, "questions": len(rows)}
 
 
+def earlier_runs(out: Path, result: dict) -> dict[tuple[str, int], dict]:
+    """Runs an interrupted suite of the same budget finished, keyed by (arm, seed)."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    if earlier.get("budget") != json.loads(json.dumps(result["budget"])) or earlier.get("complete", True):
+        return {}
+    return {(arm, r["seed"]): r for arm, rs in earlier.get("partial_runs", {}).items() for r in rs}
+
+
 def spread(values: list[float]) -> dict:
     return {
         "mean": round(statistics.mean(values), 3),
@@ -195,14 +205,22 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
         "note": "one process, 2 threads, on a 2-core CPU shared with other work; a budget far below the "
         "paper's (its ScienceQA figures come from LLaMA-7B + CLIP, full training set, many epochs)",
     }
-    for arm in ARMS:
-        runs = []
-        for seed in b["seeds"]:
+    out = RESULTS / ("zero-init-ablation.json" if name == "cpu" else f"zero-init-ablation-{name}.json")
+    kept = earlier_runs(out, result)
+    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    # Seed-major, each finished run written at once: an interrupted suite still holds whole seeds of
+    # every arm, and running it again continues where it stopped.
+    for seed in b["seeds"]:
+        for arm in ARMS:
+            if (arm, seed) in kept:
+                runs[arm].append(kept[arm, seed])
+                print(f"[ablation] {arm} seed {seed}: kept from the earlier run", flush=True)
+                continue
             t_run = time.time()
             prompts, sqa_losses, _ = train(base, arm, seed, sqa_train, b, b["steps"])
             acc = {s: sqa_accuracy(base, tok, prompts, rows) for s, rows in sqa_eval.items()}
             _, a_losses, a_curve = train(base, arm, seed, a_train, b, b["a_steps"], val=a_val)
-            runs.append(
+            runs[arm].append(
                 {
                     "seed": seed,
                     "sqa": acc,
@@ -214,14 +232,15 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
                 }
             )
             print(f"[ablation] {arm} seed {seed}: ScienceQA {acc}, Alpaca held-out {a_curve}", flush=True)
+            out.write_text(json.dumps({**result, "complete": False, "partial_runs": runs}, indent=2))
+    for arm in ARMS:
         result["arms"][arm] = {
-            "runs": runs,
-            "sqa_accuracy": spread([r["sqa_accuracy"] for r in runs]),
-            "alpaca_final_val_loss": spread([r["alpaca_val_curve"][-1][1] for r in runs]),
-            "sqa_final_train_loss": spread([statistics.mean(r["sqa_train_loss"][-5:]) for r in runs]),
+            "runs": runs[arm],
+            "sqa_accuracy": spread([r["sqa_accuracy"] for r in runs[arm]]),
+            "alpaca_final_val_loss": spread([r["alpaca_val_curve"][-1][1] for r in runs[arm]]),
+            "sqa_final_train_loss": spread([statistics.mean(r["sqa_train_loss"][-5:]) for r in runs[arm]]),
         }
-    result.update({"machine": machine(), "wall_s": round(time.time() - t0, 1)})
-    out = RESULTS / ("zero-init-ablation.json" if name != "quick" else "zero-init-ablation-quick.json")
+    result.update({"machine": machine(), "wall_s": round(time.time() - t0, 1), "complete": True})
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     return result
