@@ -13,9 +13,8 @@ instructions in the Alpaca template, tokenized with the base's own tokenizer):
   (max_tokens <= 32) and of all, wave vs continuous.
 Engine-level time is the engine process's CPU time (`EngineClock`): the shared cores stretch wall
 clocks unevenly. The HTTP rows are wall clock.
-Over HTTP (the real Serve app, 1 replica, 16 closed-loop clients, 32 tokens each): one-at-a-time
-vs batched, 1 adapter vs 8 mixed adapters (stories260K only: SmolLM2 decodes ~15 tokens per
-CPU-second alone, and the HTTP rows would not fit a run on the shared cores).
+Over HTTP (the real Serve app, 1 replica, 16 closed-loop clients, 32 tokens each; 96 requests,
+SmolLM2 48): one-at-a-time vs batched, 1 adapter vs 8 mixed adapters.
 
 The wave engine lives here only, as the baseline: a wave of up to `max_batch` waiting requests runs
 `adapter.decoding.generate` until its longest row ends; requests that arrive meanwhile wait for
@@ -66,21 +65,22 @@ class Subject:
     quick_sizes: tuple[int, int, int] = (32, 24, 1)
     rates: tuple[float, ...] = (4.0, 8.0, 16.0)  # open-loop arrivals per second of engine time
     http: bool = True
+    http_requests: int = 96  # 16 closed-loop clients, 32 tokens each
     goal_batched: float = 4.0
 
 
 SUBJECTS = {
     "serve": Subject("serve", STORIES260K),
     # ~15 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
-    # so the suite fits ~12 minutes on the shared cores; its prompts (cut at 256 tokens) + 128 fit 512.
+    # so the suite fits ~20 minutes on an idle 2-core machine; its prompts (cut at 256 tokens) + 128 fit 512.
     "serve-smollm2": Subject(
         "serve-smollm2",
         replace(SMOLLM2, context=512),
         max_tokens=(16, 32, 64, 128),
-        sizes=(32, 16, 1),
+        sizes=(64, 16, 1),
         quick_sizes=(4, 4, 1),
         rates=(1.0,),
-        http=False,
+        http_requests=48,
         goal_batched=5.0,
     ),
 }
@@ -363,13 +363,12 @@ def _http_load(url: str, models: list[str], n_requests: int, clients: int, max_t
     }
 
 
-def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) -> dict:
+def http_level(base: BenchBase, n_requests: int, clients: int, max_tokens: int) -> dict:
     import ray
     from ray import serve
 
     from adapter.adapter import AdapterConfig, AdaptionPrompts
     from adapter.adapter_file import save_adapter
-    from adapter.base_weights import load_base
     from serve.app import build_app
 
     if not ray.is_initialized():
@@ -381,22 +380,23 @@ def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) ->
     url = f"http://127.0.0.1:{port}"
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        args = load_base(stories).args
+        args = base.load().base.args
         names = []
         for i in range(8):
             torch.manual_seed(i)
-            p = AdaptionPrompts(args, AdapterConfig((10, 5)[i % 2], 30))
+            p = AdaptionPrompts(args, AdapterConfig((10, 5)[i % 2], args.n_layers))
             with torch.no_grad():
                 p.gate.uniform_(0.05, 0.2)
             save_adapter(p, args, Path(tmp) / f"a{i}")
             names.append(f"a{i}")
+        model = {"base": base.path, "context": base.context, "tokenizer": base.tokenizer, "device": "cpu"}
         for label, slots, models in (
             ("one-at-a-time", 1, names[:1]),
             ("batched, 1 adapter", 16, names[:1]),
             ("batched, 8 adapters mixed (K 10 and 5)", 16, names),
         ):
             cfg = {
-                "model": {"base": str(stories), "tokenizer": str(stories / "tokenizer.model"), "device": "cpu"},
+                "model": {k: v for k, v in model.items() if v is not None},
                 "adapters": tmp,
                 "max_batch_size": slots,
                 "max_waiting": 64,
@@ -405,6 +405,7 @@ def http_level(stories: Path, n_requests: int, clients: int, max_tokens: int) ->
             serve.run(build_app(cfg), name="bench", route_prefix="/")
             _http_load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
             rows[label] = _http_load(url, models, n_requests, clients, max_tokens)
+            print(f"HTTP {label}: {rows[label]}", flush=True)
             serve.delete("bench")
     serve.shutdown()
     return rows
@@ -474,7 +475,7 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
     finally:
         torch.set_num_threads(threads)
     http_tokens = 8 if quick else 32
-    http = http_level(Path(sub.base.path), 16 if quick else 96, 16, http_tokens) if sub.http else None
+    http = http_level(sub.base, 16 if quick else sub.http_requests, 16, http_tokens) if sub.http else None
     closed = engine["closed_loop_16_clients"]
     short = {
         label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
@@ -482,7 +483,7 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
     }
     what = f"continuous batching vs the wave engine, {sub.base.title} base, greedy (measured)"
     if not sub.http:
-        what += "; engine level only (the HTTP rows would not fit a ~12-minute run on the shared cores)"
+        what += "; engine level only"
     result = {
         "what": what,
         "settings": {
