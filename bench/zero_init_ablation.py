@@ -179,6 +179,8 @@ def plot(result: dict, path: Path) -> None:
     lows = [0] + [result["arms"][a]["sqa_accuracy"]["mean"] - result["arms"][a]["sqa_accuracy"]["min"] for a in ARMS]
     highs = [0] + [result["arms"][a]["sqa_accuracy"]["max"] - result["arms"][a]["sqa_accuracy"]["mean"] for a in ARMS]
     axes[2].bar(names, means, yerr=[lows, highs], color=["grey", *colors.values()], capsize=4)
+    axes[2].axhline(result["chance_accuracy"], color="black", linestyle=":", label="a random choice")
+    axes[2].legend()
     axes[2].set(title="ScienceQA val+test accuracy (standard parser)", ylabel="%")
     for ax in axes[:2]:
         ax.legend()
@@ -206,6 +208,10 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
         "budget": {**b, "sqa_train_problems": len(sqa_train), "alpaca_train_records": len(a_train)},
         "answer_parser": "standard",
         "zero_shot": {**zero_shot, "mean_accuracy": statistics.mean(v["accuracy"] for v in zero_shot.values())},
+        # What picking a choice uniformly at random scores on the same questions (2-5 choices each).
+        "chance_accuracy": round(
+            statistics.mean(100 / len(r["problem"]["choices"]) for rows in sqa_eval.values() for r in rows), 2
+        ),
         "arms": {},
         "note": "one process, 2 threads, on a 2-core CPU shared with other work; a budget far below the "
         "paper's (its ScienceQA figures come from LLaMA-7B + CLIP, full training set, many epochs)",
