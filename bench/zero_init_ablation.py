@@ -208,9 +208,13 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
         "budget": {**b, "sqa_train_problems": len(sqa_train), "alpaca_train_records": len(a_train)},
         "answer_parser": "standard",
         "zero_shot": {**zero_shot, "mean_accuracy": statistics.mean(v["accuracy"] for v in zero_shot.values())},
-        # What picking a choice uniformly at random scores on the same questions (2-5 choices each).
+        # What picking a choice uniformly at random scores on the same questions (2-5 choices each),
+        # and what always answering (A) scores: the floors an accuracy is read against.
         "chance_accuracy": round(
             statistics.mean(100 / len(r["problem"]["choices"]) for rows in sqa_eval.values() for r in rows), 2
+        ),
+        "always_a_accuracy": round(
+            statistics.mean(100 * (r["problem"]["answer"] == 0) for rows in sqa_eval.values() for r in rows), 2
         ),
         "arms": {},
         "note": "one process, 2 threads, on a 2-core CPU shared with other work; a budget far below the "
