@@ -403,7 +403,10 @@ def http_level(base: BenchBase, n_requests: int, clients: int, max_tokens: int) 
                 "max_tokens_limit": 256,
             }
             serve.run(build_app(cfg), name="bench", route_prefix="/")
-            _http_load(url, models, len(models), 1, 2)  # load adapters + warm up, not timed
+            # Not timed: load the adapters, then one round at full concurrency, so a fresh replica's
+            # first full batch (allocation, thread pools) is not in the timed rows.
+            _http_load(url, models, len(models), 1, 2)
+            _http_load(url, models, clients, clients, 4)
             rows[label] = _http_load(url, models, n_requests, clients, max_tokens)
             print(f"HTTP {label}: {rows[label]}", flush=True)
             serve.delete("bench")
