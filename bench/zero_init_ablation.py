@@ -44,7 +44,7 @@ BUDGETS = {
     "session": dict(
         layers=4, plen=10, seq=192, steps=20, mb=4, lr=0.01, per_split=20, a_steps=20, a_val=24, seeds=(0, 1)
     ),
-    # The size: about 7 minutes per run on this 2-core machine, 9 runs and the zero-shot row in ~70.
+    # The size: about 5 minutes per run on the idle 2-core machine, 9 runs and the zero-shot row in ~50.
     "cpu": dict(
         layers=6, plen=10, seq=256, steps=60, mb=6, lr=0.01, per_split=100, a_steps=40, a_val=48, seeds=(0, 1, 2)
     ),
@@ -217,7 +217,8 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
             statistics.mean(100 * (r["problem"]["answer"] == 0) for rows in sqa_eval.values() for r in rows), 2
         ),
         "arms": {},
-        "note": "one process, 2 threads, on a 2-core CPU shared with other work; a budget far below the "
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": "one process, 2 threads, on a 2-core CPU; a budget far below the "
         "paper's (its ScienceQA figures come from LLaMA-7B + CLIP, full training set, many epochs)",
     }
     out = RESULTS / ("zero-init-ablation.json" if name == "cpu" else f"zero-init-ablation-{name}.json")
