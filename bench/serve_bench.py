@@ -74,7 +74,7 @@ class Subject:
 SUBJECTS = {
     "serve": Subject("serve", STORIES260K),
     # ~15 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
-    # so the suite fits ~20 minutes on an idle 2-core machine; its prompts (cut at 256 tokens) + 128 fit 512.
+    # so the suite fits ~15 minutes on an idle 2-core machine; its prompts (cut at 256 tokens) + 128 fit 512.
     "serve-smollm2": Subject(
         "serve-smollm2",
         replace(SMOLLM2, context=512),
