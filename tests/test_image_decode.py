@@ -184,13 +184,18 @@ def test_the_child_refuses_by_memory_and_lives_on():
     assert not _decoders()
 
 
-def test_the_child_is_ended_by_its_cpu_limit_and_replaced():
+def test_the_child_is_ended_by_its_cpu_limit_and_replaced(caplog):
     async def run():
         pool = ImageDecoders(1, _spec())
         try:
             start = time.perf_counter()
-            with pytest.raises(ImageError, match="needs more than this server's 2 CPU-seconds"):
+            with pytest.raises(ImageError) as ended:
                 await pool.decode(many_scan_jpeg(5000, 5000))  # valid, ~5 CPU-seconds
+            # Known race (docs/limits.md): now and then asyncio's child watcher finds the child already
+            # reaped and reports 255, and the reply can only say the decoder stopped. Seen once in CI.
+            lost = "Unknown child process" in caplog.text
+            expected = "decoder stopped on it" if lost else "needs more than this server's 2 CPU-seconds"
+            assert expected in str(ended.value), (str(ended.value), lost)
             print(f"\n[measured] CPU-limited decode ended after {time.perf_counter() - start:.1f} s wall")
             assert (await pool.decode(encode(photo((640, 480)), "JPEG"))).size == (298, 224)  # a new child
         finally:
