@@ -36,6 +36,13 @@ NO_EOS = -1  # no token id is -1: nothing stops early, so every side makes exact
 MACHINE_NOTE = "2-core shared CPU (four engineers' work on the same cores), 1 torch thread"
 
 
+def tokenizer_of(base_path: Path) -> Path:
+    """A GGUF file carries its own tokenizer; other checkpoints have a tokenizer.model beside them."""
+    if base_path.suffix == ".gguf":
+        return base_path
+    return base_path / "tokenizer.model" if base_path.is_dir() else base_path.with_name("tokenizer.model")
+
+
 def alpaca_prompts(tokenizer: Path, n: int) -> list[list[int]]:
     tok = load_tokenizer(tokenizer)
     records = json.loads((SHARED_DATA / "alpaca_data.json").read_text())[:n]
@@ -98,12 +105,7 @@ def run(quick: bool = False, base_path: Path | None = None, compiled: bool = Tru
 def _run(quick: bool, base_path: Path, compiled: bool) -> dict:
     n_prompts, new_tokens, repeats, big = (4, 8, 1, 2) if quick else (16, 32, 3, 8)
     base = load_base(base_path).eval().requires_grad_(False)
-    # A GGUF file carries its own tokenizer; other checkpoints have a tokenizer.model beside them.
-    if base_path.suffix == ".gguf":
-        tokenizer = base_path
-    else:
-        tokenizer = base_path / "tokenizer.model" if base_path.is_dir() else base_path.with_name("tokenizer.model")
-    prompts = alpaca_prompts(tokenizer, n_prompts)
+    prompts = alpaca_prompts(tokenizer_of(base_path), n_prompts)
     hf = hf_model(base)  # before the engine fuses the base's projections (same values either way)
     params = SamplingParams(max_gen_len=new_tokens, temperature=0.0)
 

@@ -21,7 +21,7 @@ from adapter.base_weights import load_base
 from adapter.decoding import SamplingParams
 from adapter.models import fetch
 from bench.common import write_result
-from bench.decode_bench import NO_EOS, alpaca_prompts
+from bench.decode_bench import NO_EOS, alpaca_prompts, tokenizer_of
 from serve.engine import Engine
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")
@@ -35,8 +35,7 @@ def run(base_path: Path | None = None, batch: int = 8, steps: int = 10) -> dict:
     torch.set_num_threads(1)
     try:
         base = load_base(base_path).eval().requires_grad_(False)
-        tokenizer = base_path if base_path.suffix == ".gguf" else base_path / "tokenizer.model"
-        prompts = alpaca_prompts(tokenizer, batch)
+        prompts = alpaca_prompts(tokenizer_of(base_path), batch)
         engine = Engine(base, NO_EOS, batch, step_tokens=sum(map(len, prompts)))
         engine.warm_up()
         for p in prompts:

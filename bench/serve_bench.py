@@ -66,7 +66,6 @@ class Subject:
     sizes: tuple[int, int, int] = (64, 120, 3)  # closed-loop requests, open-loop requests per rate, repeats
     quick_sizes: tuple[int, int, int] = (32, 24, 1)
     rates: tuple[float, ...] = (4.0, 8.0, 16.0)  # open-loop arrivals per second of engine time
-    http: bool = True
     http_requests: int = 96  # 16 closed-loop clients, 32 tokens each
     goal_batched: float = 4.0
 
@@ -485,15 +484,13 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
     finally:
         torch.set_num_threads(threads)
     http_tokens = 8 if quick else 32
-    http = http_level(sub.base, 16 if quick else sub.http_requests, 16, http_tokens) if sub.http else None
+    http = http_level(sub.base, 16 if quick else sub.http_requests, 16, http_tokens)
     closed = engine["closed_loop_16_clients"]
     short = {
         label: {rate: r["short_ttft_p99_s"] for rate, r in rows.items()}
         for label, rows in engine["open_loop_poisson"].items()
     }
     what = f"continuous batching vs the wave engine, {sub.base.title} base, greedy (measured)"
-    if not sub.http:
-        what += "; engine level only"
     result = {
         "what": what,
         "settings": {
@@ -509,10 +506,10 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
                 "wave_window_s": 0.02,
                 "time": "engine process CPU seconds, idle gaps skipped to the next arrival",
             },
-            **({"http": {"max_tokens": http_tokens, "clients": 16, "replicas": 1}} if http else {}),
+            "http": {"max_tokens": http_tokens, "clients": 16, "replicas": 1},
         },
         "engine": engine,
-        **({"http": http} if http else {}),
+        "http": http,
         "batched_vs_one_at_a_time_engine": closed["continuous (16 slots)"]["tokens_per_cpu_s"]
         / closed["one-at-a-time (1 slot)"]["tokens_per_cpu_s"],
         "continuous_vs_wave_tokens_per_cpu_s": closed["continuous (16 slots)"]["tokens_per_cpu_s"]
@@ -529,13 +526,12 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
             "mixed_vs_single_adapter": ">= 0.9",
         },
     }
-    if http:
-        result["batched_vs_one_at_a_time_http"] = (
-            http["batched, 1 adapter"]["tokens_per_s"] / http["one-at-a-time"]["tokens_per_s"]
-        )
-        result["mixed_vs_single_adapter_http"] = (
-            http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"] / http["batched, 1 adapter"]["tokens_per_s"]
-        )
+    result["batched_vs_one_at_a_time_http"] = (
+        http["batched, 1 adapter"]["tokens_per_s"] / http["one-at-a-time"]["tokens_per_s"]
+    )
+    result["mixed_vs_single_adapter_http"] = (
+        http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"] / http["batched, 1 adapter"]["tokens_per_s"]
+    )
     name = f"{sub.name}-quick" if quick else sub.name  # quick results are not kept (.gitignore)
     path = write_result(name, result)
     _chart(common.RESULTS / f"{name}.png", result, sub.base.title)
