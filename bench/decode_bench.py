@@ -43,6 +43,11 @@ def tokenizer_of(base_path: Path) -> Path:
     return base_path / "tokenizer.model" if base_path.is_dir() else base_path.with_name("tokenizer.model")
 
 
+def base_slug(base_path: Path) -> str:
+    """A checkpoint's name in result files: SmolLM2-135M-Instruct.Q4_1.gguf -> smollm2-135m-instruct."""
+    return Path(base_path).stem.split(".")[0].lower()
+
+
 def alpaca_prompts(tokenizer: Path, n: int) -> list[list[int]]:
     tok = load_tokenizer(tokenizer)
     records = json.loads((SHARED_DATA / "alpaca_data.json").read_text())[:n]
@@ -236,7 +241,7 @@ def _run(quick: bool, base_path: Path, compiled: bool) -> dict:
         "together, step() until done (prefill in one pass, then adapter/decode_step.py per token); library: "
         "adapter.decoding.generate (left-padded batch, Transformer.hidden per step)",
     }
-    name = "decode" if base_path.name == "stories260K" else f"decode-{base_path.name}"
+    name = "decode" if base_path.name == "stories260K" else f"decode-{base_slug(base_path)}"
     path = write_result(name, result)
     labels, values = [], []
     for b in tps_cpu:

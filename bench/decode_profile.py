@@ -21,7 +21,7 @@ from adapter.base_weights import load_base
 from adapter.decoding import SamplingParams
 from adapter.models import fetch
 from bench.common import write_result
-from bench.decode_bench import NO_EOS, alpaca_prompts, tokenizer_of
+from bench.decode_bench import NO_EOS, alpaca_prompts, base_slug, tokenizer_of
 from serve.engine import Engine
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")
@@ -71,7 +71,7 @@ def run(base_path: Path | None = None, batch: int = 8, steps: int = 10) -> dict:
             for e in ops[:15]
         ],
     }
-    write_result(f"decode-profile-{Path(base_path).stem.split('.')[0].lower()}", result)
+    write_result(f"decode-profile-{base_slug(base_path)}", result)
     return result
 
 

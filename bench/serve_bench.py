@@ -72,7 +72,7 @@ class Subject:
 
 SUBJECTS = {
     "serve": Subject("serve", STORIES260K),
-    # ~15 tokens per CPU-second alone (bench/results/decode-smollm2.json): fewer and shorter requests
+    # ~15 tokens per CPU-second alone (bench/results/decode-smollm2-135m-instruct.json): fewer and shorter requests
     # so the suite fits ~15 minutes on an idle 2-core machine; its prompts (cut at 256 tokens) + 128 fit 512.
     "serve-smollm2": Subject(
         "serve-smollm2",

@@ -29,9 +29,11 @@ step's token budget (`step_tokens`) is spent: one token for every decoding row f
 chunks of the prompts still being prefilled, first come first served, several prompts batched in
 one forward pass (padded to the longest chunk, the padding counted against the budget). A long
 prompt therefore enters over several steps and never stalls the decoding rows for longer than one
-budget's worth of compute; short prompts that arrive together prefill together. (vLLM fuses the
-decode rows and the chunks into one forward with a varlen attention kernel; here they are two
-forward passes in the same step, decode first: plain PyTorch attention needs equal lengths.)
+budget's worth of compute; short prompts that arrive together prefill together. The decode rows
+and the chunks share ONE forward (`DecodeStep.mixed`), as vLLM fuses them: every matrix product
+runs once over all the step's tokens, so the weights are read once per step, not once per pass;
+only attention runs per group (vLLM uses one varlen kernel; plain PyTorch attention wants equal
+lengths, so here it is one call for the decode rows and one for the chunks).
 
 KV cache: one pre-allocated slot of `max_seq_len` per row (`max_running` slots), kept compact:
 slots [0, n_decoding) hold the decoding rows, the next ones the rows being prefilled, so each
@@ -225,10 +227,15 @@ class Engine:
         with self.lock:
             free = self.max_running - len(self.slots)
             self.slots += [self.waiting.popleft() for _ in range(min(len(self.waiting), free))]
-        if self.n_decoding:
-            self._decode()
+        chunks = self._plan_chunks()
+        if self.n_decoding and chunks:
             touched += self.slots[: self.n_decoding]
-        touched += self._prefill(self._plan_chunks())
+            touched += self._decode_and_prefill(chunks)
+        elif self.n_decoding:
+            touched += self.slots[: self.n_decoding]
+            self._decode()
+        else:
+            touched += self._prefill(chunks)
         touched += self._leave()
         self.steps += 1
         return list(dict.fromkeys(touched))
@@ -295,6 +302,27 @@ class Engine:
                 t[j, :, :n] = keep
         self.slots[i], self.slots[j] = b, a
 
+    # --- decode rows and prompt chunks in one forward ------------------------------------------------
+    def _decode_and_prefill(self, chunks: list[int]) -> list[Sequence]:
+        """One forward for the decoding rows and the prompt chunks (the weights are read once); if
+        it fails, the two run apart, each with its row-by-row retries, so only failing rows fail."""
+        first = self.n_decoding
+        decoding, prefilling = self.slots[:first], self.slots[first : first + len(chunks)]
+        try:
+            tokens, positions = [s.last for s in decoding], [s.length for s in decoding]
+            prefixes = self._decoding_prefixes(decoding, spare=0)
+            chunk, starts, chunk_prefixes, done, at = self._chunk_inputs(prefilling, chunks)
+            logits, chunk_logits = self.decoder.mixed(
+                tokens, positions, prefixes, chunk, starts, chunk_prefixes, done or [0], at or [0]
+            )
+        except Exception:
+            self._decode()
+            return self._prefill(chunks)
+        for seq in decoding:
+            seq.length += 1
+        self._emit_decoded(decoding, logits)
+        return self._emit_prefilled(prefilling, self._advance(prefilling, chunks, done, chunk_logits))
+
     # --- prefill: chunks of waiting prompts, batched ---------------------------------------------
     def _prefill(self, chunks: list[int]) -> list[Sequence]:
         if not chunks:
@@ -310,6 +338,10 @@ class Engine:
                     last_logits.update(self._prefill_forward(first + k, [seq], [n]))
                 except Exception as e:
                     self._fail(seq, e)
+        return self._emit_prefilled(rows, last_logits)
+
+    def _emit_prefilled(self, rows: list[Sequence], last_logits: dict[Sequence, torch.Tensor]) -> list[Sequence]:
+        """Rows whose prompt is done sample their first token and move into the decoding block."""
         for seq in rows:
             if seq.done or seq not in last_logits:
                 continue
@@ -328,15 +360,24 @@ class Engine:
         """One forward over rows' next chunks (right-padded to the widest; the padding's keys land
         beyond each row's length, never attended to, overwritten later). Returns the last logits
         of the rows whose prompt this completes."""
-        width = max(chunks)
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        tokens, starts, prefixes, done, at = self._chunk_inputs(rows, chunks)
+        # No row completes: the pass still fills the caches; one row's logits are computed and unused.
+        logits = self.decoder.chunk(first, tokens, starts, prefixes, done or [0], at or [0])
+        return self._advance(rows, chunks, done, logits)
+
+    def _chunk_inputs(self, rows: list[Sequence], chunks: list[int]):
+        """The rows' next chunks as one right-padded (B, width) batch, their start slots, their
+        prefixes, and which rows this chunk completes (with the index of their last token)."""
+        tokens = torch.zeros(len(rows), max(chunks), dtype=torch.long)
         for b, (seq, n) in enumerate(zip(rows, chunks)):
             tokens[b, :n] = torch.tensor(seq.prompt[seq.length : seq.length + n])
         prefixes = stack_prefixes([s.prefixes for s in rows]) if any(s.prefixes for s in rows) else {}
         done = [b for b, (seq, n) in enumerate(zip(rows, chunks)) if seq.length + n == len(seq.prompt)]
-        at = [chunks[b] - 1 for b in done]
-        # No row completes: the pass still fills the caches; one row's logits are computed and unused.
-        logits = self.decoder.chunk(first, tokens, [s.length for s in rows], prefixes, done or [0], at or [0])
+        return tokens, [s.length for s in rows], prefixes, done, [chunks[b] - 1 for b in done]
+
+    @staticmethod
+    def _advance(rows: list[Sequence], chunks: list[int], done: list[int], logits: torch.Tensor) -> dict:
+        """After a chunk's forward: the rows' cache fill moves on; the completed rows' last logits."""
         for seq, n in zip(rows, chunks):
             seq.length += n
         return {rows[b]: logits[k] for k, b in enumerate(done)}
@@ -353,6 +394,9 @@ class Engine:
                 except Exception as e:
                     self._fail(seq, e)
             return
+        self._emit_decoded(rows, logits)
+
+    def _emit_decoded(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
         for i, seq in enumerate(rows):
             try:
@@ -372,14 +416,18 @@ class Engine:
             fill = self.slots[stop : stop + spare]
             tokens += [0] * spare
             positions += [s.length for s in fill] + [0] * (spare - len(fill))
-            if self._stacked is None or len(self._stacked_rows) != len(tokens):
-                self._stacked_rows = [s.prefixes for s in rows] + [None] * spare
-                self._stacked = stack_prefixes(self._stacked_rows)
-            prefixes = self._stacked
+            prefixes = self._decoding_prefixes(rows, spare)
         logits = self.decoder(first, tokens, positions, prefixes)[: len(rows)]
         for s in rows:
             s.length += 1
         return logits
+
+    def _decoding_prefixes(self, rows: list[Sequence], spare: int) -> dict[int, PromptKV]:
+        """The decoding rows' prefixes stacked (plus `spare` empty rows), kept until the block changes."""
+        if self._stacked is None or len(self._stacked_rows) != len(rows) + spare:
+            self._stacked_rows = [s.prefixes for s in rows] + [None] * spare
+            self._stacked = stack_prefixes(self._stacked_rows)
+        return self._stacked
 
     def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor, batch: int, greedy: int | None = None) -> None:
         seq.max_batch = max(seq.max_batch, batch)

@@ -193,6 +193,24 @@ def test_a_row_that_fails_fails_alone(tiny_model, adapters):
     assert [s.tokens for s in good + [later]] == expected
 
 
+def test_a_row_that_fails_while_joining_running_rows_fails_alone(tiny_model, adapters):
+    """The joining row's chunk shares a forward with the decoding rows: when that forward fails,
+    the decode and the chunk run apart (each retried row by row), and only the bad row fails."""
+    wrong = {3: PromptKV(k=torch.zeros(1, 2, 3, 7), v=torch.zeros(1, 2, 3, 7), gate=torch.ones(1, 4))}
+    engine = Engine(tiny_model, eos_id=-1, max_running=4)
+    good = [engine.add(p, GREEDY, a) for p, a in zip(PROMPTS[:2], adapters[:2])]
+    engine.step()
+    assert engine.n_decoding == 2
+    bad = engine.add(PROMPTS[2], GREEDY, wrong)
+    later = engine.add(PROMPTS[3], GREEDY, adapters[3])
+    _drain(engine)
+    assert bad.finish_reason == "error" and bad.error is not None
+    expected = [
+        _alone(tiny_model, p, GREEDY, a) for p, a in zip(PROMPTS[:2] + PROMPTS[3:4], adapters[:2] + adapters[3:4])
+    ]
+    assert [s.tokens for s in good + [later]] == expected
+
+
 def test_eos_ends_a_row_with_stop(tiny_model):
     first = _alone(tiny_model, PROMPTS[0], SamplingParams(1, temperature=0))[0]
     engine = Engine(tiny_model, eos_id=first, max_running=2)
