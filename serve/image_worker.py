@@ -6,9 +6,13 @@ limit of two, 19 CPU-seconds burnt for clients long gone). So each replica keeps
 `max_concurrent_images` small child processes (`python -m serve.image_worker`: PIL, simplejpeg and
 numpy, no torch: about 30 MB and 0.1 s to start). What bounds them:
 
-- the kernel: before each image the child sets its own RLIMIT_CPU to `image_cpu_seconds` beyond
-  what it has used (SIGXCPU ends it past that) and, once, RLIMIT_AS to `image_memory_bytes`
-  beyond its size at start (an allocation past that fails: a 400, and the child lives on);
+- the child itself: a watch thread (the decoders release the GIL while they work) ends the child
+  once the image has used `image_cpu_seconds`, after replying that it did; the reply, not the
+  exit status, tells the replica why (an exit status can be lost: docs/limits.md);
+- the kernel: before each image the child sets its own RLIMIT_CPU one second past the watch's
+  limit (SIGXCPU ends it there, should a decoder ever hold the GIL) and, once, RLIMIT_AS to
+  `image_memory_bytes` beyond its size at start (an allocation past that fails: a 400, and the
+  child lives on);
 - the replica: a request whose client leaves (Serve cancels its handler) SIGKILLs the child that
   decodes its image and waits for it to be gone before the slot is free again; a request still
   waiting for a slot just leaves the queue. A wall-clock bound kills a child that stops answering.
@@ -28,6 +32,8 @@ import resource
 import signal
 import struct
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +41,12 @@ from adapter.image_decode import ImageError, ImageLimits, decode_image, shrink_f
 
 LENGTH = struct.Struct(">I")
 ROOT = Path(__file__).resolve().parents[1]
+WATCH_S = 0.05  # how often the watch thread reads the child's CPU time while an image decodes
+ENDED_BY_CPU_LIMIT = 3  # the child's exit code after its watch ended it
+
+
+def cpu_limit_message(seconds: int) -> str:
+    return f"image needs more than this server's {seconds} CPU-seconds to decode"
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,49 @@ def _preload() -> None:
     Image.init()
 
 
+def _write(stdout, reply: dict, payload: bytes) -> None:
+    header = json.dumps(reply).encode()
+    stdout.write(LENGTH.pack(len(header)) + header + LENGTH.pack(len(payload)) + payload)
+    stdout.flush()
+
+
+class CpuWatch:
+    """Ends this child once the image being decoded has used `seconds` of CPU, after writing the
+    reply that says so (`ended: true`). One lock orders that reply and the decode's own: whichever
+    comes first is the only one written."""
+
+    def __init__(self, seconds: int, stdout):
+        self.seconds, self.stdout = seconds, stdout
+        self.lock = threading.Lock()
+        self.busy = threading.Event()
+        self.deadline: float | None = None
+        threading.Thread(target=self._watch, daemon=True, name="cpu-watch").start()
+
+    def start(self) -> None:
+        with self.lock:
+            self.deadline = _cpu_used() + self.seconds
+            self.busy.set()
+
+    def reply(self, reply: dict, payload: bytes) -> None:
+        with self.lock:
+            self.deadline = None
+            self.busy.clear()
+            _write(self.stdout, reply, payload)
+
+    def _watch(self) -> None:
+        while True:
+            self.busy.wait()
+            time.sleep(WATCH_S)
+            with self.lock:
+                if self.deadline is not None and _cpu_used() > self.deadline:
+                    _write(self.stdout, {"error": cpu_limit_message(self.seconds), "ended": True}, b"")
+                    os._exit(ENDED_BY_CPU_LIMIT)
+
+
 def serve_requests(spec: WorkerSpec, stdin, stdout) -> None:
     """Length-prefixed image bytes in; a length-prefixed JSON header and the RGB bytes out."""
     _preload()
+    watch = CpuWatch(spec.cpu_seconds, stdout)  # its thread's stack exists before the memory limit
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a child ended by SIGXCPU leaves no core file
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (_address_space() + spec.memory_bytes, hard))
@@ -92,7 +144,8 @@ def serve_requests(spec: WorkerSpec, stdin, stdout) -> None:
         data = stdin.read(LENGTH.unpack(head)[0])
         # Only the soft limit moves: a process can never raise a hard limit it has lowered.
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(_cpu_used() + spec.cpu_seconds), hard))
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(_cpu_used() + spec.cpu_seconds) + 1, hard))
+        watch.start()
         payload = b""
         try:
             img = decode_image(data, spec.limits)
@@ -105,9 +158,7 @@ def serve_requests(spec: WorkerSpec, stdin, stdout) -> None:
             reply = {"error": str(e)}
         except MemoryError:
             reply = {"error": f"image needs more than this server's {mib} MiB to decode"}
-        header = json.dumps(reply).encode()
-        stdout.write(LENGTH.pack(len(header)) + header + LENGTH.pack(len(payload)) + payload)
-        stdout.flush()
+        watch.reply(reply, payload)
 
 
 def main() -> None:
@@ -116,6 +167,10 @@ def main() -> None:
 
 
 # --- the replica's side -------------------------------------------------------------------------
+
+
+class ChildEnded(Exception):
+    """The child replied with an error and ended itself (its CPU limit): it takes no more images."""
 
 
 class _Worker:
@@ -149,6 +204,8 @@ class _Worker:
         read = self.proc.stdout.readexactly
         reply = json.loads(await read(LENGTH.unpack(await read(LENGTH.size))[0]))
         payload = await read(LENGTH.unpack(await read(LENGTH.size))[0])
+        if reply.get("ended"):
+            raise ChildEnded(reply["error"])
         if "error" in reply:
             raise ImageError(reply["error"])
         return Image.frombytes("RGB", (reply["width"], reply["height"]), payload)
@@ -179,6 +236,9 @@ class ImageDecoders:
             except ImageError:
                 self.idle.append(worker)
                 raise
+            except ChildEnded as e:
+                await worker.kill()  # collect it
+                raise ImageError(str(e)) from None
             except asyncio.TimeoutError:
                 await worker.kill()
                 raise ImageError(f"image took longer than {self.timeout_s} s to decode") from None
@@ -192,8 +252,8 @@ class ImageDecoders:
             return img
 
     def _death(self, returncode: int | None) -> str:
-        if returncode == -signal.SIGXCPU:
-            return f"image needs more than this server's {self.spec.cpu_seconds} CPU-seconds to decode"
+        if returncode == -signal.SIGXCPU:  # the kernel's backstop (the watch replies first)
+            return cpu_limit_message(self.spec.cpu_seconds)
         return "image could not be decoded (the decoder stopped on it)"
 
     async def close(self) -> None:
