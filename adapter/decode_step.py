@@ -15,10 +15,12 @@ forward is a few small matrix products and the rest is Python and kernel launche
 - decode rows and prompt chunks in one forward (`mixed`): the matrix products run once over all of
   a step's tokens, so a step reads the weights once, however many prompts join; rotary, cache
   writes and attention run per group;
-- optionally `torch.compile` (`compile=True`): the whole step, one graph per batch-size bucket
-  (batch sizes are rounded up to `BUCKETS`, so shapes repeat); the attention length is the one
-  dynamic dimension. `warm_up()` compiles every bucket, so the replica pays at start, never a
-  request. Off by default: on the 2-core CPU here it is measured in bench/results/decode.json.
+- optionally `torch.compile` (`compile=True`) of the decode step (not `chunk` or `mixed`): one
+  static graph per batch-size bucket (batch sizes are rounded up to `BUCKETS`, so shapes repeat);
+  the attention length and the adapters' prompt lengths are the dynamic dimensions. `warm_up()`
+  compiles every bucket for the base model, so the replica pays at start; a batch with adapters on
+  a set of layers not seen before compiles its bucket once, during that step. Off by default:
+  measured in bench/results/decode.json and docs/serving-performance.md.
 
 Rows occupy cache slots first..first+B-1 (adapter/model.py's KVCache); positions are each row's
 slot for its new token. Rows a caller adds only to fill a bucket must be given a position whose
@@ -99,6 +101,8 @@ class DecodeStep:
         # compiled would turn the batch dimension symbolic and every bucket would run generic code
         # (measured: 1.4k instead of 3.4k tokens per CPU-second at batch 8 on stories260K).
         self._run = torch.compile(self._step, dynamic=False) if compile else self._step
+        if compile:  # graphs: a bucket for each set of adapter layers served (dynamo's default allows 8 in all)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(self.buckets))
 
     def bucket(self, n: int) -> int:
         """The batch size a step of n rows runs at (n itself when not compiled)."""
@@ -118,6 +122,11 @@ class DecodeStep:
         tok, pos, key_slots = self._decode_inputs(tokens, positions)
         if self.compiled and first == 0:
             torch._dynamo.mark_dynamic(key_slots, 0)  # one graph per bucket, whatever the length
+            for p in prefixes.values():  # ... and whatever the adapters' prompt lengths
+                for t in (p.k, p.v):
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                if p.mask is not None:
+                    torch._dynamo.maybe_mark_dynamic(p.mask, 1)
             return self._run(tok, pos, key_slots, prefixes)
         return self._step(tok, pos, key_slots, prefixes, first)
 
@@ -151,8 +160,8 @@ class DecodeStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step for rows 0..B-1 and a prefill chunk for the rows after them, in ONE forward:
         every matrix product runs once over both groups' tokens (the weights are read once per
-        step, not twice); only attention runs per group. Returns (decode logits, chunk logits), as
-        `__call__` and `chunk` would."""
+        step, not twice); rotary, the cache writes and attention run per group. Never compiled.
+        Returns (decode logits, chunk logits), as `__call__` and `chunk` would."""
         tok, pos, key_slots = self._decode_inputs(tokens, positions)
         c_tok, c_pos, c_key_slots, last = self._chunk_inputs(chunk_tokens, starts, out_rows, out_at)
         decode_logits, chunk_logits = self._forward(

@@ -43,10 +43,12 @@ slot). Paged blocks would pack memory tighter but need a paged-attention kernel;
 served here (LLaMA-7B, 2,048 context, 16 rows in bf16 is 16 GiB beside 13.5 GiB of weights on an
 80 GB GPU) the simple slots fit.
 
-Both forwards run `adapter.decode_step.DecodeStep` (fused projections, few ops per layer; the
-model's own `Transformer.hidden` stays the reference it is tested against). The decode forward
+Every forward runs `adapter.decode_step.DecodeStep` (fused projections, few ops per layer; the
+model's own `Transformer.hidden` stays the reference it is tested against). The decode-only forward
 can be compiled (`compile_decode`): batch sizes are rounded up to a few buckets so shapes repeat,
-and each bucket is compiled once, at `warm_up()` (the replica's start), not on a request.
+and each bucket is compiled at `warm_up()` (the replica's start); adapters on a set of layers not
+seen before compile their bucket once, in the step that first meets them. Steps with a prompt
+joining run uncompiled.
 
 Adapters of different prompt lengths share a forward through per-row prompt masks
 (`adapter.decoding.stack_prefixes`); an image row is a row whose prefixes carry its image token.
@@ -60,6 +62,7 @@ Thread use: `add` and `cancel` may be called from any thread (the replica's even
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from collections import deque
@@ -70,6 +73,8 @@ import torch
 from adapter.decode_step import DecodeStep
 from adapter.decoding import SamplingParams, sample_row, stack_prefixes
 from adapter.model import PromptKV, Transformer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STEP_TOKENS = 256  # serve/serve_config.py's default too; tests and benchmarks build engines directly
 
@@ -167,6 +172,7 @@ class Engine:
         self._stacked_rows: list = []
         self.steps = 0
         self.finished: dict[str, int] = {}  # rows finished, by reason
+        self.fused_fallbacks = 0  # steps whose one forward failed and ran as two
 
     @property
     def running(self) -> list[Sequence]:
@@ -315,7 +321,10 @@ class Engine:
             logits, chunk_logits = self.decoder.mixed(
                 tokens, positions, prefixes, chunk, starts, chunk_prefixes, done or [0], at or [0]
             )
-        except Exception:
+        except Exception as e:
+            self.fused_fallbacks += 1
+            if self.fused_fallbacks == 1 or self.fused_fallbacks % 1000 == 0:
+                log.warning("a step's one forward failed (%d so far), running it as two: %r", self.fused_fallbacks, e)
             self._decode()
             return self._prefill(chunks)
         for seq in decoding:
@@ -479,4 +488,5 @@ class Engine:
                 "max_running": self.max_running,
                 "step_tokens": self.step_tokens,
                 "compiled_decode": self.decoder.compiled,
+                "fused_fallbacks": self.fused_fallbacks,
             }

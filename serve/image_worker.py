@@ -9,8 +9,8 @@ numpy, no torch: about 30 MB and 0.1 s to start). What bounds them:
 - the child itself: a watch thread (the decoders release the GIL while they work) ends the child
   once the image has used `image_cpu_seconds`, after replying that it did; the reply, not the
   exit status, tells the replica why (an exit status can be lost: docs/limits.md);
-- the kernel: before each image the child sets its own RLIMIT_CPU one second past the watch's
-  limit (SIGXCPU ends it there, should a decoder ever hold the GIL) and, once, RLIMIT_AS to
+- the kernel: before each image the child sets its own RLIMIT_CPU one to two seconds past the
+  watch's limit (SIGXCPU ends it there, should a decoder ever hold the GIL) and, once, RLIMIT_AS to
   `image_memory_bytes` beyond its size at start (an allocation past that fails: a 400, and the
   child lives on);
 - the replica: a request whose client leaves (Serve cancels its handler) SIGKILLs the child that
@@ -103,6 +103,7 @@ class CpuWatch:
 
     def __init__(self, seconds: int, stdout):
         self.seconds, self.stdout = seconds, stdout
+        self.ended = {"error": cpu_limit_message(seconds), "ended": True}
         self.lock = threading.Lock()
         self.busy = threading.Event()
         self.deadline: float | None = None
@@ -125,8 +126,10 @@ class CpuWatch:
             time.sleep(WATCH_S)
             with self.lock:
                 if self.deadline is not None and _cpu_used() > self.deadline:
-                    _write(self.stdout, {"error": cpu_limit_message(self.seconds), "ended": True}, b"")
-                    os._exit(ENDED_BY_CPU_LIMIT)
+                    try:
+                        _write(self.stdout, self.ended, b"")
+                    finally:  # replied or not (a closed pipe), the child ends here
+                        os._exit(ENDED_BY_CPU_LIMIT)
 
 
 def serve_requests(spec: WorkerSpec, stdin, stdout) -> None:

@@ -91,6 +91,7 @@ def test_greedy_output_is_the_same_when_prompts_are_chunked_and_prefilled_togeth
     rows += [engine.add(p, GREEDY, a) for p, a in zip(PROMPTS[3:], adapters[3:])]  # join while others decode
     _drain(engine)
     assert [r.tokens for r in rows] == alone
+    assert engine.fused_fallbacks == 0  # the joins ran as one forward with the decoding rows
 
 
 def test_a_long_prompt_enters_in_chunks_while_running_rows_keep_decoding(tiny_model, adapters):
