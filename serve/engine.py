@@ -32,8 +32,9 @@ prompt therefore enters over several steps and never stalls the decoding rows fo
 budget's worth of compute; short prompts that arrive together prefill together. The decode rows
 and the chunks share ONE forward (`DecodeStep.mixed`), as vLLM fuses them: every matrix product
 runs once over all the step's tokens, so the weights are read once per step, not once per pass;
-only attention runs per group (vLLM uses one varlen kernel; plain PyTorch attention wants equal
-lengths, so here it is one call for the decode rows and one for the chunks).
+rotary, the cache writes and attention run per group (vLLM uses one varlen attention kernel; plain
+PyTorch attention wants equal lengths, so here it is one call for the decode rows and one for the
+chunks). `stats()["fused_fallbacks"]` counts steps whose one forward failed and ran as two.
 
 KV cache: one pre-allocated slot of `max_seq_len` per row (`max_running` slots), kept compact:
 slots [0, n_decoding) hold the decoding rows, the next ones the rows being prefilled, so each

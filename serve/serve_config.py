@@ -44,7 +44,8 @@ class ServeConfig(Section):
     compile_decode: bool = Field(
         False,
         description="torch.compile the decode step (one graph per batch-size bucket, compiled at replica "
-        "start; adds start-up time). Measured in bench/results/decode.json",
+        "start: seconds on stories260K, ~100 s on SmolLM2 for buckets 1-8; needs a C++ compiler). Pays "
+        "where a step is overhead, not weight reads: docs/serving-performance.md",
     )
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     max_prompts_per_request: int = Field(8, ge=1)
