@@ -58,6 +58,15 @@ def minilm_folder() -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny shapes on a shared 2-core machine: a second OpenMP thread only adds waiting (up to 100x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_model() -> Transformer:
     torch.manual_seed(0)
     return Transformer(preset("tiny")).eval().requires_grad_(False)

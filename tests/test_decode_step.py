@@ -16,12 +16,7 @@ GREEDY = SamplingParams(max_gen_len=12, temperature=0)
 PROMPTS = [[1, 15, 200, 33, 7, 90, 45], [1, 300], [1, 5, 6, 7, 8], [1, 77, 78], [1, 400, 401, 402, 9, 9]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _filled(model):

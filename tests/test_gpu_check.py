@@ -62,16 +62,7 @@ def test_batches_are_length_grouped_and_padded_to_their_longest():
     assert int((labels != -100).sum()) == c["labelled"] == sum(t - p for t, p in batches[0])
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny shape runs no faster on more threads, and much slower on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_training_loop_moves_the_adapter_and_not_the_base(one_thread):
+def test_training_loop_moves_the_adapter_and_not_the_base(one_torch_thread):
     args = preset("tiny")
     model, _ = gpu_check.build(args, torch.device("cpu"), torch.float32)
     opt, _ = gpu_check.make_optimizer(model, torch.device("cpu"))

@@ -21,13 +21,7 @@ BATCH = torch.tensor([[1, 15, 200, 33, 7, 90, 45, 3, 81, 9], [1, 300, 301, 17, 4
 LABELS = torch.where(torch.arange(BATCH.shape[1]) < 4, -100, BATCH)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds waiting on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
