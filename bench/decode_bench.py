@@ -37,10 +37,9 @@ MACHINE_NOTE = "2-core shared CPU (four engineers' work on the same cores), 1 to
 
 
 def tokenizer_of(base_path: Path) -> Path:
-    """A GGUF file carries its own tokenizer; other checkpoints have a tokenizer.model beside them."""
-    if base_path.suffix == ".gguf":
-        return base_path
-    return base_path / "tokenizer.model" if base_path.is_dir() else base_path.with_name("tokenizer.model")
+    """What `load_tokenizer` reads for a checkpoint: a GGUF file itself (its own vocabulary), else
+    the checkpoint's folder (load_tokenizer finds its tokenizer.json or tokenizer.model)."""
+    return base_path if base_path.suffix == ".gguf" or base_path.is_dir() else base_path.parent
 
 
 def base_slug(base_path: Path) -> str:

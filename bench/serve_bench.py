@@ -44,6 +44,7 @@ from bench.common import SHARED_DATA, SMOLLM2, STORIES260K, BenchBase, write_res
 MAX_TOKENS_CHOICES = (16, 32, 64, 128, 256)
 SHORT = 32
 HTTP_ROUNDS = 3  # alternating rounds of one adapter and of eight, in one replica
+HTTP_ONE, HTTP_SINGLE, HTTP_MIXED = "one-at-a-time", "batched, 1 adapter", "batched, 8 adapters mixed (K 10 and 5)"
 PROMPTS = [
     "Once upon a time",
     "The little dog",
@@ -391,8 +392,7 @@ def http_level(base: BenchBase, n_requests: int, clients: int, max_tokens: int) 
             save_adapter(p, args, Path(tmp) / f"a{i}")
             names.append(f"a{i}")
         model = {"base": base.path, "context": base.context, "tokenizer": base.tokenizer, "device": "cpu"}
-        single, mixed = "batched, 1 adapter", "batched, 8 adapters mixed (K 10 and 5)"
-        for slots, plan in ((1, {"one-at-a-time": names[:1]}), (16, {single: names[:1], mixed: names})):
+        for slots, plan in ((1, {HTTP_ONE: names[:1]}), (16, {HTTP_SINGLE: names[:1], HTTP_MIXED: names})):
             cfg = {
                 "model": {k: v for k, v in model.items() if v is not None},
                 "adapters": tmp,
@@ -526,12 +526,8 @@ def run(quick: bool = False, subject: str = "serve", rates: tuple[float, ...] | 
             "mixed_vs_single_adapter": ">= 0.9",
         },
     }
-    result["batched_vs_one_at_a_time_http"] = (
-        http["batched, 1 adapter"]["tokens_per_s"] / http["one-at-a-time"]["tokens_per_s"]
-    )
-    result["mixed_vs_single_adapter_http"] = (
-        http["batched, 8 adapters mixed (K 10 and 5)"]["tokens_per_s"] / http["batched, 1 adapter"]["tokens_per_s"]
-    )
+    result["batched_vs_one_at_a_time_http"] = http[HTTP_SINGLE]["tokens_per_s"] / http[HTTP_ONE]["tokens_per_s"]
+    result["mixed_vs_single_adapter_http"] = http[HTTP_MIXED]["tokens_per_s"] / http[HTTP_SINGLE]["tokens_per_s"]
     name = f"{sub.name}-quick" if quick else sub.name  # quick results are not kept (.gitignore)
     path = write_result(name, result)
     _chart(common.RESULTS / f"{name}.png", result, sub.base.title)

@@ -29,7 +29,7 @@ from adapter.decoding import SamplingParams, generate, prefixes_for
 from adapter.loader import load_model
 from adapter.prompts import format_prompt
 from adapter.settings import ModelSource
-from bench.common import RESULTS, machine
+from bench.common import RESULTS, write_result
 from pipelines.data.record_output import tokenize_pair
 from pipelines.tasks.scienceqa import LETTERS, answer_text, check_problem, format_problem, parse_answer, read_captions
 from pipelines.training.batching import collate
@@ -202,7 +202,6 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
     a_train, a_val = alpaca_records(tok, b["seq"], b["a_steps"] * b["mb"], b["a_val"])
     zero_shot = {s: sqa_accuracy(base, tok, None, rows) for s, rows in sqa_eval.items()}
     result = {
-        "suite": "zero-init-ablation",
         "base": "SmolLM2-135M-Instruct (GGUF Q4_1 matrices, dequantized to fp32)",
         "budget_name": name,
         "budget": {**b, "sqa_train_problems": len(sqa_train), "alpaca_train_records": len(a_train)},
@@ -217,11 +216,11 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
             statistics.mean(100 * (r["problem"]["answer"] == 0) for rows in sqa_eval.values() for r in rows), 2
         ),
         "arms": {},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "one process, 2 threads, on a 2-core CPU; a budget far below the "
         "paper's (its ScienceQA figures come from LLaMA-7B + CLIP, full training set, many epochs)",
     }
-    out = RESULTS / ("zero-init-ablation.json" if name == "cpu" else f"zero-init-ablation-{name}.json")
+    suite = "zero-init-ablation" if name == "cpu" else f"zero-init-ablation-{name}"
+    out = RESULTS / f"{suite}.json"  # write_result's file: suite, date and machine written with each run
     kept = earlier_runs(out, result)
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     # Seed-major, each finished run written at once: an interrupted suite still holds whole seeds of
@@ -248,7 +247,7 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
                 }
             )
             print(f"[ablation] {arm} seed {seed}: ScienceQA {acc}, Alpaca held-out {a_curve}", flush=True)
-            out.write_text(json.dumps({**result, "complete": False, "partial_runs": runs}, indent=2))
+            write_result(suite, {**result, "complete": False, "partial_runs": runs})
     for arm in ARMS:
         result["arms"][arm] = {
             "runs": runs[arm],
@@ -258,15 +257,14 @@ def run(quick: bool = False, budget: str | None = None) -> dict:
         }
     result.update(
         {
-            "machine": machine(),
             "wall_s": round(time.time() - t0, 1),  # this process; runs kept from an earlier one not included
             "runs_s_total": round(sum(r["seconds"] for rs in runs.values() for r in rs), 1),
             "complete": True,
         }
     )
-    out.write_text(json.dumps(result, indent=2))
+    write_result(suite, result)
     plot(result, out.with_suffix(".png"))
-    return result
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

@@ -110,8 +110,12 @@ class CpuWatch:
         threading.Thread(target=self._watch, daemon=True, name="cpu-watch").start()
 
     def start(self) -> None:
+        """Before each image: the watch's deadline, and the kernel's backstop (RLIMIT_CPU) one to two
+        seconds past it. Only the soft limit moves: a process can never raise a hard limit it lowered."""
         with self.lock:
             self.deadline = _cpu_used() + self.seconds
+            _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+            resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(self.deadline) + 1, hard))
             self.busy.set()
 
     def reply(self, reply: dict, payload: bytes) -> None:
@@ -145,9 +149,6 @@ def serve_requests(spec: WorkerSpec, stdin, stdout) -> None:
         if len(head) < LENGTH.size:
             return  # the replica closed our stdin (or is gone): nothing more to do
         data = stdin.read(LENGTH.unpack(head)[0])
-        # Only the soft limit moves: a process can never raise a hard limit it has lowered.
-        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
-        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(_cpu_used() + spec.cpu_seconds) + 1, hard))
         watch.start()
         payload = b""
         try:
